@@ -1,0 +1,3 @@
+//! trainer-svc: trains the miner's expert group.
+
+pub mod model;

@@ -1,0 +1,5 @@
+fn main() -> anyhow::Result<()> {
+    let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+    println!("trainer-svc: libtorch ok, sum={}", t.sum(tch::Kind::Float).double_value(&[]));
+    Ok(())
+}
