@@ -11,3 +11,13 @@ pub mod pins;
 pub mod pt;
 pub mod publish;
 pub mod retention;
+
+pub use config::{ConfigError, MinerConfig};
+pub use expert_group::{DataCfg, ExpertGroup, ExpertGroupError};
+pub use layout::{
+    CheckpointEntry, CheckpointKind, CheckpointName, EntryState, LayoutError, RunDir,
+};
+pub use manifest::Manifest;
+pub use pins::{PinError, PinGuard, PinRecord};
+pub use publish::{PublishError, PublishInfo, Published, Staged};
+pub use retention::{RetentionError, RetentionReport, plan_retention};

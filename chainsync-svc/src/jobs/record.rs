@@ -1,0 +1,384 @@
+//! Job records: kept in memory and appended to `<run>/chainsync/jobs.jsonl` (one JSON object a
+//! line, `O_APPEND` + fsync), so the history and the "already done this cycle" decisions survive
+//! restarts. A record is appended on every state change; on reading, the last line of an id
+//! wins and a torn last line (a crash mid-write) is ignored.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Subdirectory of the run directory owned by chainsync.
+pub const STATE_DIR: &str = "chainsync";
+/// The job journal inside [`STATE_DIR`].
+pub const JOBS_FILE: &str = "jobs.jsonl";
+/// Jobs kept in memory (the newest; about 250 cycles of four jobs).
+pub const MAX_KEPT: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobKind {
+    Download,
+    Commit1,
+    Commit2,
+    Submit,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Download => "DOWNLOAD",
+            JobKind::Commit1 => "COMMIT1",
+            JobKind::Commit2 => "COMMIT2",
+            JobKind::Submit => "SUBMIT",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    /// Not started, or abandoned, because it could not finish inside its phase.
+    Missed,
+    /// Nothing to do.
+    Skipped,
+    Cancelled,
+}
+
+impl JobOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Running => "RUNNING",
+            JobOutcome::Succeeded => "SUCCEEDED",
+            JobOutcome::Failed => "FAILED",
+            JobOutcome::Missed => "MISSED",
+            JobOutcome::Skipped => "SKIPPED",
+            JobOutcome::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != JobOutcome::Running
+    }
+}
+
+/// One job: what it did, where, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub kind: JobKind,
+    /// Phase name the job belongs to.
+    pub phase: String,
+    pub cycle_index: u64,
+    pub started_block: u64,
+    /// 0 while running.
+    pub finished_block: u64,
+    #[serde(default)]
+    pub model_hash: String,
+    /// The checkpoint directory involved (path).
+    #[serde(default)]
+    pub checkpoint: String,
+    /// Validator hotkey (download source or submission destination).
+    #[serde(default)]
+    pub destination: String,
+    pub outcome: JobOutcome,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub included_block: Option<u64>,
+    #[serde(default)]
+    pub attempts: u32,
+    pub started_unix: i64,
+    #[serde(default)]
+    pub finished_unix: i64,
+    /// Global version of the checkpoint involved (commit/submit jobs; restart recovery).
+    #[serde(default)]
+    pub global_ver: Option<u64>,
+    /// Started by a `LoadBaseline` request rather than by the scheduler.
+    #[serde(default)]
+    pub manual: bool,
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Why the journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("job journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("job journal {path} line {line}: {message}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// Parses journal text: last record per id wins; an unparsable *last* line is a torn write and
+/// is skipped; an unparsable line elsewhere is an error naming the line.
+pub fn parse_journal(text: &str, path: &Path) -> Result<Vec<JobRecord>, JournalError> {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let last_nonempty = lines.iter().rposition(|l| !l.trim().is_empty());
+    let mut out: Vec<JobRecord> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<JobRecord>(line) {
+            Ok(r) => match out.iter_mut().find(|o| o.id == r.id) {
+                Some(o) => *o = r,
+                None => out.push(r),
+            },
+            Err(e) => {
+                let torn = Some(i) == last_nonempty && !text.ends_with('\n');
+                if torn {
+                    tracing::warn!(path = %path.display(), line = i + 1, "ignoring a torn last line of the job journal");
+                    continue;
+                }
+                return Err(JournalError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|r| r.id);
+    Ok(out)
+}
+
+/// The in-memory job list backed by the journal file.
+pub struct JobLog {
+    path: PathBuf,
+    inner: Mutex<Vec<JobRecord>>,
+    write: Mutex<()>,
+}
+
+impl JobLog {
+    /// Opens (creating the directory) and loads `<run>/chainsync/jobs.jsonl`.
+    pub fn open(run_dir: &Path) -> Result<JobLog, JournalError> {
+        let dir = run_dir.join(STATE_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join(JOBS_FILE);
+        let mut records = match std::fs::read_to_string(&path) {
+            Ok(t) => parse_journal(&t, &path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        // A torn last line is cut off, so the next append starts a clean line.
+        if let Ok(t) = std::fs::read(&path)
+            && !t.is_empty()
+            && !t.ends_with(b"\n")
+        {
+            let keep = t
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            let io = |source| JournalError::Io {
+                path: path.clone(),
+                source,
+            };
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            f.set_len(keep as u64).map_err(io)?;
+            f.sync_data().map_err(io)?;
+        }
+        // Jobs that were running when the process died never finished.
+        let interrupted: Vec<JobRecord> = records
+            .iter_mut()
+            .filter(|r| r.outcome == JobOutcome::Running)
+            .map(|r| {
+                r.outcome = JobOutcome::Cancelled;
+                r.error = "interrupted: the daemon stopped while the job ran".into();
+                r.finished_unix = now_unix();
+                r.clone()
+            })
+            .collect();
+        let log = JobLog {
+            path,
+            inner: Mutex::new(records),
+            write: Mutex::new(()),
+        };
+        for r in &interrupted {
+            log.append(r)?;
+        }
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn append(&self, r: &JobRecord) -> Result<(), JournalError> {
+        let mut line = serde_json::to_vec(r).map_err(|e| JournalError::Corrupt {
+            path: self.path.clone(),
+            line: 0,
+            message: e.to_string(),
+        })?;
+        line.push(b'\n');
+        let _g = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        append_bytes(&self.path, &line)
+    }
+
+    /// The next free id.
+    pub fn next_id(&self) -> u64 {
+        self.with(|v| v.iter().map(|r| r.id).max().unwrap_or(0) + 1)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Vec<JobRecord>) -> T) -> T {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// Stores `r` (new or updated) in memory and appends it to the journal. A journal write
+    /// failure is logged, never fatal for the job.
+    pub fn put(&self, r: &JobRecord) {
+        self.with(|v| match v.iter_mut().find(|o| o.id == r.id) {
+            Some(o) => *o = r.clone(),
+            None => v.push(r.clone()),
+        });
+        if let Err(e) = self.append(r) {
+            tracing::error!(error = %e, "could not append to the job journal");
+        }
+    }
+
+    /// Allocates an id and records a new running job.
+    pub fn start(
+        &self,
+        kind: JobKind,
+        phase: &str,
+        cycle_index: u64,
+        block: u64,
+        manual: bool,
+    ) -> JobRecord {
+        let r = self.with(|v| {
+            let id = v.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+            let r = JobRecord {
+                id,
+                kind,
+                phase: phase.to_owned(),
+                cycle_index,
+                started_block: block,
+                finished_block: 0,
+                model_hash: String::new(),
+                checkpoint: String::new(),
+                destination: String::new(),
+                outcome: JobOutcome::Running,
+                error: String::new(),
+                included_block: None,
+                attempts: 0,
+                started_unix: now_unix(),
+                finished_unix: 0,
+                global_ver: None,
+                manual,
+            };
+            v.push(r.clone());
+            if v.len() > MAX_KEPT {
+                let extra = v.len() - MAX_KEPT;
+                v.drain(..extra);
+            }
+            r
+        });
+        if let Err(e) = self.append(&r) {
+            tracing::error!(error = %e, "could not append to the job journal");
+        }
+        r
+    }
+
+    /// All jobs, newest first; at most `limit` (0 = all).
+    pub fn newest_first(&self, limit: usize) -> Vec<JobRecord> {
+        let mut v = self.with(|v| v.clone());
+        v.sort_by_key(|r| std::cmp::Reverse(r.id));
+        if limit > 0 {
+            v.truncate(limit);
+        }
+        v
+    }
+
+    /// The latest job of `kind` in `cycle` started by the scheduler (not a manual LoadBaseline).
+    pub fn find(&self, kind: JobKind, cycle: u64) -> Option<JobRecord> {
+        self.with(|v| {
+            v.iter()
+                .rev()
+                .find(|r| r.kind == kind && r.cycle_index == cycle && !r.manual)
+                .cloned()
+        })
+    }
+
+    pub fn get(&self, id: u64) -> Option<JobRecord> {
+        self.with(|v| v.iter().find(|r| r.id == id).cloned())
+    }
+}
+
+fn append_bytes(path: &Path, bytes: &[u8]) -> Result<(), JournalError> {
+    let io = |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_data().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_record_per_id_wins_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = JobLog::open(dir.path()).unwrap();
+        let mut r = log.start(JobKind::Commit1, "MinerCommit1", 7, 100, false);
+        r.outcome = JobOutcome::Succeeded;
+        r.included_block = Some(102);
+        log.put(&r);
+        let r2 = log.start(JobKind::Download, "Distribute", 8, 150, false);
+        // A crash mid-append leaves half a line.
+        append_bytes(log.path(), br#"{"id":3,"kind":"SUB"#).unwrap();
+        drop(log);
+
+        let log = JobLog::open(dir.path()).unwrap();
+        let jobs = log.newest_first(0);
+        assert_eq!(jobs.len(), 2, "{jobs:?}");
+        assert_eq!(jobs[1].outcome, JobOutcome::Succeeded);
+        assert_eq!(jobs[1].included_block, Some(102));
+        // The running download was interrupted by the "crash".
+        assert_eq!(jobs[0].id, r2.id);
+        assert_eq!(jobs[0].outcome, JobOutcome::Cancelled);
+        // Appending after the torn line still yields a readable journal.
+        let r3 = log.start(JobKind::Submit, "Submission", 8, 160, false);
+        drop(log);
+        let log = JobLog::open(dir.path()).unwrap();
+        assert!(log.get(r3.id).is_some());
+        assert_eq!(log.find(JobKind::Commit1, 7).map(|r| r.id), Some(r.id));
+    }
+
+    #[test]
+    fn a_corrupt_line_in_the_middle_is_an_error_naming_the_line() {
+        let err = parse_journal("{}\n{\"id\":1}\n", Path::new("/x/jobs.jsonl")).unwrap_err();
+        assert!(err.to_string().contains("/x/jobs.jsonl line 1"), "{err}");
+    }
+}
