@@ -8,6 +8,7 @@ export OMP_NUM_THREADS=1
 scripts/setup-libtorch.sh
 scripts/setup-python.sh
 scripts/setup-rotel.sh >/dev/null   # a real OTLP collector for the trace test
+scripts/setup-prometheus.sh >/dev/null   # a real Prometheus for the metrics scrape test
 export MINER_PYTHON="${MINER_PYTHON:-$root/.deps/venv/bin/python}"
 # Binaries first: end-to-end tests run the real trainer-svc, chainsync-svc and minerctl.
 cargo build --workspace --locked --bins
