@@ -69,23 +69,14 @@ fn main() -> ExitCode {
         "effective config"
     );
     let code = rt.block_on(async move {
-        let grpc = match tokio::net::TcpListener::bind(cli.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("chainsync-svc: bind --listen {}: {e}", cli.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        let metrics = match tokio::net::TcpListener::bind(cli.metrics_listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!(
-                    "chainsync-svc: bind --metrics-listen {}: {e}",
-                    cli.metrics_listen
-                );
-                return ExitCode::FAILURE;
-            }
-        };
+        let (grpc, metrics) =
+            match miner_service::bind_service_listeners(cli.listen, cli.metrics_listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("chainsync-svc: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         let shutdown = CancellationToken::new();
         let health = Health::new();
         let signals = miner_service::shutdown_on_signals(

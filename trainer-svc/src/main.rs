@@ -60,23 +60,16 @@ fn main() -> ExitCode {
         "effective config"
     );
     let code = rt.block_on(async move {
-        let grpc = match tokio::net::TcpListener::bind(settings.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("trainer-svc: bind --listen {}: {e}", settings.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        let metrics = match tokio::net::TcpListener::bind(settings.metrics_listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!(
-                    "trainer-svc: bind --metrics-listen {}: {e}",
-                    settings.metrics_listen
-                );
-                return ExitCode::FAILURE;
-            }
-        };
+        let (grpc, metrics) =
+            match miner_service::bind_service_listeners(settings.listen, settings.metrics_listen)
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("trainer-svc: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         let shutdown = CancellationToken::new();
         let signals = miner_service::shutdown_on_signals(shutdown.clone(), None);
         let result = trainer_svc::run(

@@ -89,3 +89,20 @@ pub fn client_tls(ca: &Path, domain: Option<&str>) -> Result<ClientTlsConfig, Li
     }
     Ok(c)
 }
+
+/// Binds a service's gRPC and metrics listeners; the error names the flag and address that failed
+/// (`bind --metrics-listen 127.0.0.1:8100: Address in use`).
+pub async fn bind_service_listeners(
+    grpc: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+) -> Result<(tokio::net::TcpListener, tokio::net::TcpListener), String> {
+    let bind = |flag: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("bind {flag} {addr}: {e}"))
+    };
+    Ok((
+        bind("--listen", grpc).await?,
+        bind("--metrics-listen", metrics).await?,
+    ))
+}
