@@ -1,14 +1,17 @@
 //! Optimizer steps/s of the partial model's training step, and of the PyTorch reference loop.
 //!
-//! One step = `--ga` micro-batches of forward + backward (loss / GA, `loss.item()` each), then the
-//! global-norm clip to 1.0 and an AdamW update of the expert masters (torch's single-tensor AdamW
-//! arithmetic, written inline so the benchmark measures the model, not a particular optimizer module).
-//! With `--python` it also runs `tests/py/bench_step.py` (transformers 5.4 + Connito's partial router,
-//! the reference loop without its model hash) on the same config, group and batch, and prints the ratio.
+//! One step = `--ga` micro-batches of forward + backward (loss × scale / GA, `loss.item()` each), then
+//! what trainer-svc's engine does at an optimizer step: unscale, drop non-finite gradients, global-norm
+//! clip to 1.0, `trainer_svc::optim::AdamW`, GradScaler update (fp16 on CUDA only).
+//! With `--python` it also runs `tests/py/bench_step.py` (transformers + Connito's partial router, the
+//! reference loop without its model hash) on the same config, group, device, precision and batch, and
+//! prints the ratio.
 //!
 //! ```text
 //! cargo run --release -p trainer-svc --example bench_step -- --preset tiny --python
 //! cargo run --release -p trainer-svc --example bench_step -- --preset small --seq 256 --python
+//! # GPU: the real DeepSeek-V2-Lite partial model, group exp_math, seq 4096, fp16 autocast + GradScaler
+//! bench_step --preset lite --seq 4096 --device cuda --precision fp16 --checkpointing --python
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -19,6 +22,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use tch::{Device, Kind, Tensor};
 use trainer_svc::model::{GroupExperts, ModelConfig, PartialModel};
+use trainer_svc::optim::{
+    AdamW, AdamWConfig, GradScaler, clip_to, cosine_with_warmup, global_norm,
+};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Preset {
@@ -26,6 +32,19 @@ enum Preset {
     Tiny,
     /// hidden 256, 4 layers, 16 experts of width 128 (group owns 4 per layer), vocab 8192.
     Small,
+    /// DeepSeek-V2-Lite with the Connito overrides (27 layers, 64 experts) and the live group
+    /// `exp_math` (8 experts in each of layers 1-26): the model a miner trains. Needs a GPU.
+    Lite,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Precision {
+    /// Everything fp32 (the CPU path).
+    Fp32,
+    /// Frozen weights fp16, fp32 expert masters, loss scaling (the reference's `fp16-mixed`).
+    Fp16,
+    /// Frozen weights bf16, fp32 expert masters, no loss scaling (`bf16-mixed`).
+    Bf16,
 }
 
 #[derive(Debug, Parser)]
@@ -50,9 +69,12 @@ struct Args {
     /// libtorch intra-op threads (both sides).
     #[arg(long, default_value_t = 1)]
     threads: i32,
-    /// `cpu` or `cuda` (the Python counterpart always runs on CPU).
+    /// `cpu` or `cuda` (both sides).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision (both sides); fp16/bf16 need `--device cuda`.
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: Precision,
     /// Recompute layers in the backward (activation checkpointing).
     #[arg(long)]
     checkpointing: bool,
@@ -90,89 +112,58 @@ fn preset(p: Preset, seq: usize) -> (ModelConfig, GroupExperts) {
                 .collect();
             (c, g)
         }
+        Preset::Lite => {
+            let c = ModelConfig::deepseek_v2_lite(seq);
+            let group = miner_contract::ExpertGroup::builtin("exp_math")
+                .expect("the built-in exp_math group parses");
+            let g = (1..c.num_hidden_layers)
+                .map(|l| (l, group.org_ids(l)))
+                .collect();
+            (c, g)
+        }
     }
 }
 
-/// torch.optim.AdamW (single-tensor path) state for one parameter.
-struct AdamState {
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-}
-
-struct AdamW {
-    states: Vec<AdamState>,
-    step: i32,
-}
-
-impl AdamW {
-    const LR: f64 = 1e-5;
-    const B1: f64 = 0.9;
-    const B2: f64 = 0.95;
-    const EPS: f64 = 1e-8;
-    const WD: f64 = 0.1;
-
-    fn new(params: Vec<Tensor>) -> Self {
-        let states = params
-            .into_iter()
-            .map(|param| AdamState {
-                exp_avg: param.zeros_like(),
-                exp_avg_sq: param.zeros_like(),
-                param,
-            })
-            .collect();
-        Self { states, step: 0 }
-    }
-
-    /// Clip to global norm 1.0 (skipping the step on a non-finite norm), update, zero the grads.
-    fn step(&mut self, lr: f64) -> bool {
-        let grads: Vec<Tensor> = self
-            .states
-            .iter()
-            .map(|s| s.param.grad())
-            .filter(|g| g.defined())
-            .collect();
-        if grads.is_empty() {
-            return false;
-        }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-        let total = Tensor::stack(&norms, 0).norm();
-        if !total.double_value(&[]).is_finite() {
-            self.zero_grad();
-            return false;
-        }
-        let coef = ((total + 1e-6).reciprocal()).clamp_max(1.0);
-        self.step += 1;
-        let bc1 = 1.0 - Self::B1.powi(self.step);
-        let bc2 = 1.0 - Self::B2.powi(self.step);
-        tch::no_grad(|| {
-            for s in &mut self.states {
-                let mut g = s.param.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let _ = g.g_mul_(&coef);
-                let _ = s.param.g_mul_scalar_(1.0 - lr * Self::WD);
-                let _ = s.exp_avg.lerp_(&g, 1.0 - Self::B1);
-                let _ = s.exp_avg_sq.g_mul_scalar_(Self::B2);
-                let _ = s.exp_avg_sq.addcmul_(&g, &(&g * (1.0 - Self::B2)));
-                // param -= (lr / bc1) * exp_avg / (sqrt(v / bc2) + eps), with one temporary.
-                let mut denom = s.exp_avg_sq.sqrt();
-                let _ = denom.g_div_scalar_(bc2.sqrt());
-                let _ = denom.g_add_scalar_(Self::EPS);
-                let _ = denom.g_mul_scalar_(-bc1 / lr);
-                let _ = s.param.addcdiv_(&s.exp_avg, &denom);
+/// The engine's optimizer step (trainer-svc/src/engine `optimizer_step`, without its logging):
+/// unscale, drop non-finite gradients, clip, AdamW, GradScaler update. Returns whether it stepped.
+fn optimizer_step(opt: &mut AdamW, scaler: &mut GradScaler, lr: f64) -> bool {
+    let inv_scale = 1.0 / scaler.loss_factor();
+    let mut grads = Vec::new();
+    let mut active = Vec::new();
+    let mut found_inf = false;
+    tch::no_grad(|| {
+        for (_, p) in opt.params() {
+            let mut g = p.grad();
+            if !g.defined() {
+                active.push(false);
+                continue;
             }
-        });
-        self.zero_grad();
-        true
-    }
-
-    fn zero_grad(&mut self) {
-        for s in &mut self.states {
-            s.param.zero_grad();
+            if inv_scale != 1.0 {
+                let _ = g.g_mul_scalar_(inv_scale);
+            }
+            let finite = bool::try_from(g.isfinite().all()).unwrap_or(false);
+            if finite {
+                grads.push(g);
+            } else {
+                found_inf = true;
+            }
+            active.push(finite);
+        }
+    });
+    let mut stepped = false;
+    // An fp16 overflow (non-finite gradients with the scaler on) skips the step, as in the engine.
+    let overflow = found_inf && scaler.enabled;
+    if !overflow && !grads.is_empty() {
+        let norm = global_norm(&grads);
+        if norm.is_finite() {
+            clip_to(&mut grads, norm, 1.0);
+            opt.step(lr, Some(&active));
+            stepped = true;
         }
     }
+    scaler.update(found_inf);
+    opt.zero_grad();
+    stepped
 }
 
 fn main() -> anyhow::Result<()> {
@@ -183,8 +174,24 @@ fn main() -> anyhow::Result<()> {
         "cuda" => Device::Cuda(0),
         other => bail!("--device {other}: expected cpu or cuda"),
     };
+    let compute = match a.precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Fp16 => Kind::Half,
+        Precision::Bf16 => Kind::BFloat16,
+    };
+    if compute != Kind::Float && device == Device::Cpu {
+        bail!("--precision fp16/bf16 needs --device cuda (trainer-svc trains in fp32 on CPU)");
+    }
     let (cfg, group) = preset(a.preset, a.seq);
-    let mut model = PartialModel::new(&cfg, &group, device, Kind::Float, 0)?;
+    // On a GPU the reference runs first, in its own process that exits before this one allocates,
+    // so each side's GPU memory is its own.
+    let py_first = if a.python && device.is_cuda() {
+        Some(run_python(&a, &cfg, &group)?)
+    } else {
+        None
+    };
+    let t_setup = Instant::now();
+    let mut model = PartialModel::new(&cfg, &group, device, compute, 0)?;
     model.set_checkpointing(a.checkpointing);
     let n = (a.batch * a.seq) as i64;
     let ids: Vec<i64> = (0..n)
@@ -194,57 +201,79 @@ fn main() -> anyhow::Result<()> {
         .reshape([a.batch as i64, a.seq as i64])
         .to_device(device);
     let labels = ids.copy();
-    let mut opt = AdamW::new(model.trainable().into_iter().map(|(_, t)| t).collect());
-    let total_steps = 88_000f64;
-    let mut global_step = 0f64;
+    let mut opt = AdamW::new(model.trainable(), AdamWConfig::default());
+    let mut scaler = GradScaler::new(device.is_cuda() && a.precision == Precision::Fp16);
+    let trainable: i64 = opt.params().map(|(_, t)| t.numel() as i64).sum();
+    let total_steps = 88_000u64;
+    let mut sched_step = 0u64;
     let mut last_loss = 0.0;
     let mut opt_seconds = 0.0;
+    let mut skipped = 0usize;
     // Returns the seconds spent in the optimizer update.
-    let mut run_step = |opt: &mut AdamW, last_loss: &mut f64| {
+    let mut run_step = |opt: &mut AdamW, scaler: &mut GradScaler, last_loss: &mut f64| {
+        let factor = scaler.loss_factor() / a.ga as f64;
         for _ in 0..a.ga {
-            let loss = model.forward_backward(&ids, &labels, 1.0 / a.ga as f64);
+            let loss = model.forward_backward(&ids, &labels, factor);
             *last_loss = loss.double_value(&[]);
         }
-        let lr = AdamW::LR * 0.5 * (1.0 + (std::f64::consts::PI * global_step / total_steps).cos());
+        let lr = AdamWConfig::default().lr * cosine_with_warmup(sched_step, 0, total_steps);
         let t = Instant::now();
-        if opt.step(lr) {
-            global_step += 1.0;
+        if optimizer_step(opt, scaler, lr) {
+            sched_step += 1;
+        } else {
+            skipped += 1;
+        }
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
         }
         t.elapsed().as_secs_f64()
     };
+    eprintln!(
+        "rust: setup {:.1} s, {trainable} trainable parameters, device {device:?}, {:?}",
+        t_setup.elapsed().as_secs_f64(),
+        a.precision
+    );
     for _ in 0..a.warmup {
-        run_step(&mut opt, &mut last_loss);
+        run_step(&mut opt, &mut scaler, &mut last_loss);
     }
     // Per-step times: the minimum and the median are robust to other processes on shared cores; the
     // thread's CPU time (with one intra-op thread all compute runs on it) is the steadiest measure.
     let mut times = Vec::with_capacity(a.steps);
+    let wall0 = unix_now();
     let cpu0 = thread_cpu_seconds();
     for _ in 0..a.steps {
         let t0 = Instant::now();
-        opt_seconds += run_step(&mut opt, &mut last_loss);
+        opt_seconds += run_step(&mut opt, &mut scaler, &mut last_loss);
         times.push(t0.elapsed().as_secs_f64());
     }
+    let wall1 = unix_now();
+    println!("rust timed window (unix s): {wall0:.3} {wall1:.3}");
     let cpu = thread_cpu_seconds()
         .zip(cpu0)
         .map(|(b, a0)| (b - a0) / a.steps as f64);
     let (best, median) = min_median(&mut times);
+    let tokens_per_step = n as usize * a.ga;
     println!(
-        "rust:    best {:.2} ms/step, median {:.2} ms/step, cpu {} ms/step, optimizer {:.2} ms/step ({} tokens/step, threads {}, final loss {last_loss:.4})",
+        "rust:    best {:.2} ms/step, median {:.2} ms/step, cpu {} ms/step, optimizer {:.2} ms/step ({tokens_per_step} tokens/step, {:.0} tokens/s median, threads {}, skipped {skipped}, final loss {last_loss:.4})",
         1e3 * best,
         1e3 * median,
         cpu.map(|c| format!("{:.2}", 1e3 * c))
             .unwrap_or_else(|| "?".into()),
         1e3 * opt_seconds / a.steps as f64,
-        n as usize * a.ga,
+        tokens_per_step as f64 / median,
         a.threads
     );
     if a.python {
-        let py = run_python(&a, &cfg, &group)?;
+        let py = match py_first {
+            Some(py) => py,
+            None => run_python(&a, &cfg, &group)?,
+        };
         println!(
-            "pytorch: best {:.2} ms/step, median {:.2} ms/step, cpu {:.2} ms/step",
+            "pytorch: best {:.2} ms/step, median {:.2} ms/step, cpu {:.2} ms/step ({:.0} tokens/s median)",
             1e3 * py.best,
             1e3 * py.median,
-            1e3 * py.cpu
+            1e3 * py.cpu,
+            tokens_per_step as f64 / py.median
         );
         print!(
             "speedup: {:.2}x (best), {:.2}x (median)",
@@ -257,6 +286,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn min_median(times: &mut [f64]) -> (f64, f64) {
@@ -298,7 +334,14 @@ fn run_python(a: &Args, cfg: &ModelConfig, group: &GroupExperts) -> anyhow::Resu
         .context("write config.json")?;
     std::fs::write(dir.path().join("group.json"), serde_json::to_string(group)?)
         .context("write group.json")?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/bench_step.py");
+    // From the current checkout when run from a workspace root (a binary carried to another
+    // machine), else from the one it was built in.
+    let local = Path::new("trainer-svc/tests/py/bench_step.py");
+    let script = if local.exists() {
+        local.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/bench_step.py")
+    };
     let out = Command::new(&python)
         .arg(&script)
         .arg(dir.path())
@@ -317,6 +360,16 @@ fn run_python(a: &Args, cfg: &ModelConfig, group: &GroupExperts) -> anyhow::Resu
             &a.seq.to_string(),
         ])
         .args(["--threads", &a.threads.to_string()])
+        .args(["--device", &a.device])
+        .args([
+            "--precision",
+            match a.precision {
+                Precision::Fp32 => "fp32",
+                Precision::Fp16 => "fp16",
+                Precision::Bf16 => "bf16",
+            },
+        ])
+        .args(a.checkpointing.then_some("--checkpointing"))
         .env("OMP_NUM_THREADS", a.threads.to_string())
         .output()
         .context("run the Python benchmark")?;
@@ -326,13 +379,14 @@ fn run_python(a: &Args, cfg: &ModelConfig, group: &GroupExperts) -> anyhow::Resu
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v: serde_json::Value = serde_json::from_slice(
-        out.stdout
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap_or_default(),
-    )
-    .context("parse the Python benchmark output")?;
+    let line = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap_or_default();
+    println!("pytorch json: {}", String::from_utf8_lossy(line));
+    let v: serde_json::Value =
+        serde_json::from_slice(line).context("parse the Python benchmark output")?;
     let best = v["best_s"]
         .as_f64()
         .context("Python benchmark printed no best_s")?;

@@ -160,6 +160,34 @@ pub fn parse_device(s: &str) -> Result<tch::Device, ConfigError> {
     }
 }
 
+/// A CUDA device must exist in the libtorch this process loaded: libtorch built for the CPU (or a
+/// CUDA libtorch whose `libtorch_cuda.so` was not loaded) has no CUDA kernels, and the first tensor
+/// would fail deep inside the model instead of here, before anything is bound or written.
+fn check_device_usable(device: tch::Device) -> Result<(), ConfigError> {
+    let tch::Device::Cuda(n) = device else {
+        return Ok(());
+    };
+    if !tch::Cuda::is_available() {
+        return Err(bad(
+            "--device",
+            format!(
+                "cuda:{n} was asked for, but the loaded libtorch has no usable CUDA backend (a CPU \
+                 libtorch, no GPU or driver, or libtorch_cuda.so not loaded: build against a CUDA \
+                 libtorch, or set LD_PRELOAD=<torch lib dir>/libtorch_cuda.so); use --device cpu \
+                 or auto"
+            ),
+        ));
+    }
+    let count = tch::Cuda::device_count();
+    if n as i64 >= count {
+        return Err(bad(
+            "--device",
+            format!("cuda:{n} does not exist: this machine has {count} CUDA device(s)"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn device_name(d: tch::Device) -> String {
     match d {
         tch::Device::Cpu => "cpu".into(),
@@ -208,6 +236,7 @@ impl Settings {
     /// keys read from the same YAML) into validated settings; only reads the filesystem.
     pub fn from_cli(cli: &Cli) -> Result<Settings, ConfigError> {
         let device = parse_device(&cli.device)?;
+        check_device_usable(device)?;
         let tls =
             miner_service::TlsFiles::from_flags(cli.tls_cert.as_deref(), cli.tls_key.as_deref())
                 .map_err(|e| bad("--tls-cert", e.to_string()))?;

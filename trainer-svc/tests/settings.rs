@@ -153,3 +153,28 @@ fn hub_only_sources_and_bad_fields_are_refused_with_the_field_named() {
         .unwrap_err();
     assert_eq!(e.field, "--path");
 }
+
+#[test]
+fn cuda_that_cannot_run_is_refused_before_anything_starts() {
+    let parse = |d: &str| {
+        let cli = Cli::try_parse_from(["trainer-svc", "--device", d]).unwrap();
+        Settings::from_cli(&cli)
+    };
+    // A device index past the last GPU (or any CUDA device where none can run) is refused.
+    let err = parse("cuda:999").unwrap_err();
+    assert_eq!(err.field, "--device");
+    if !tch::Cuda::is_available() {
+        // The CPU libtorch of CI: refused up front with the fix, not a panic in the first tensor.
+        let err = parse("cuda").unwrap_err();
+        assert_eq!(err.field, "--device");
+        assert!(
+            err.message.contains("no usable CUDA backend") && err.message.contains("LD_PRELOAD"),
+            "{}",
+            err.message
+        );
+        // `auto` falls back to the CPU.
+        assert!(parse("auto").is_ok());
+    } else {
+        assert!(err.message.contains("does not exist"), "{}", err.message);
+    }
+}
