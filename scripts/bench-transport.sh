@@ -2,7 +2,7 @@
 # Benchmark of chainsync-svc's validator HTTP transport on loopback (submit vs `curl -F`,
 # download+verify vs `curl -o` / stream-only), medians of alternating runs.
 #
-#   scripts/bench-transport.sh [--size-mib 1024] [--runs 5]
+#   scripts/bench-transport.sh [--size-mib 1024] [--runs 5] [--download-only]
 #
 # Environment:
 #   BENCH_DIR        where the benchmark makes its temporary working directory (needs ~4x the
@@ -11,6 +11,8 @@
 #   BENCH_MAX_LOAD   wait until the 1-minute load average is below this (default 2.5)
 #   BENCH_WAIT_S     give up waiting for a quiet machine after this many seconds (default 1800)
 #   CARGO_TARGET_DIR where the release example is built (cargo's default otherwise)
+#   RUST_LOG         e.g. chainsync_svc=debug: per download, whether it was verified while
+#                    streaming and how many bytes were left to hash after the last one arrived
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,5 +55,5 @@ while :; do
     waited=$((waited + 15))
 done
 
-echo "data dir $data (filesystem $(df -P "$data" | awk 'NR==2 {print $1}')), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "data dir $data (filesystem $(df -P "$data" | awk 'NR==2 {print $1}')), $(getconf _NPROCESSORS_ONLN) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 "$bin" --dir "$data" "$@"

@@ -9,9 +9,10 @@
 //!    server's verification). Also the peak RSS growth of this process during our upload
 //!    (`/proc/self/clear_refs` + `VmHWM`, as `tests/transport_submit_memory.rs`).
 //! 2. Download (`GET /get-checkpoint` from the stand-in): our `download_checkpoint`
-//!    (download + verify + publish) against `curl -o` of the same route and against our
-//!    client streaming the body to disk + fsync without verifying (what `download_checkpoint`
-//!    does before it verifies); plus `verify_checkpoint_file` alone, to show where time goes.
+//!    (download + verify while streaming + publish) against `curl -o` of the same route,
+//!    against our client streaming the body to disk + fsync without verifying (the target is
+//!    at most 1.1x of this), and against that stream followed by a separate verification pass
+//!    (`verify_checkpoint_file`, the sequential way); plus the verification pass alone.
 //!
 //! The servers run in a child process (this binary with `--serve`), so the memory figure is
 //! the submitting process alone. Runs alternate which client goes first. Run through
@@ -60,6 +61,9 @@ struct Args {
     /// Runs of each measurement.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Only the download measurements (skip the submissions).
+    #[arg(long)]
+    download_only: bool,
     /// Internal: run the servers (stand-in and sink) for the driver process.
     #[arg(long, hide = true)]
     serve: bool,
@@ -91,6 +95,13 @@ fn sign_hash(key: &Hotkey, hash_hex: &str) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // `RUST_LOG=chainsync_svc=debug` shows, per download, how much was hashed after the last byte.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if args.serve {
         let hash = args.hash.context("--serve needs --hash")?;
         return serve(&args.dir, &hash).await;
@@ -657,13 +668,18 @@ async fn drive(args: &Args) -> Result<()> {
     // --- 1. Submission ---------------------------------------------------------------------
     let mut sub = Vec::new();
     let mut cold_mem = 0.0;
-    for (label, port) in [
-        (
-            "ValidatorStandIn (multipart+sha256+store+verify)",
-            standin_port,
-        ),
-        ("raw sink (body -> file + fsync)", sink_port),
-    ] {
+    let targets = if args.download_only {
+        Vec::new()
+    } else {
+        vec![
+            (
+                "ValidatorStandIn (multipart+sha256+store+verify)",
+                standin_port,
+            ),
+            ("raw sink (body -> file + fsync)", sink_port),
+        ]
+    };
+    for (label, port) in targets {
         println!("\nsubmit {} MiB to {label}", size >> 20);
         let (mut ours, mut curl, mut mem, mut curl_rss) = (vec![], vec![], vec![], vec![]);
         // One warm-up of each client (connection pool, page cache, allocator), not in the
@@ -717,6 +733,7 @@ async fn drive(args: &Args) -> Result<()> {
     let curl_out = dir.join("curl_download.pt");
     let stream_out = dir.join("stream_download.pt");
     let (mut d_ours, mut d_curl, mut d_stream, mut d_verify) = (vec![], vec![], vec![], vec![]);
+    let mut d_seq = vec![];
     ours_download(&ctx, 0).await?;
     curl_download(&ctx, &curl_out).await?;
     for i in 0..n {
@@ -724,25 +741,36 @@ async fn drive(args: &Args) -> Result<()> {
         let mut o = 0.0;
         let mut c = 0.0;
         let mut s = 0.0;
-        for step in 0..3 {
-            match (step + i) % 3 {
+        let mut q = 0.0;
+        for step in 0..4 {
+            match (step + i) % 4 {
                 0 => o = ours_download(&ctx, i + 1).await?,
                 1 => {
                     c = curl_download(&ctx, &curl_out).await?;
                 }
-                _ => {
+                2 => {
                     s = stream_download(&ctx, &stream_out).await?;
+                    std::fs::remove_file(&stream_out)?;
+                }
+                _ => {
+                    // The previous way: stream to disk, then one verification pass.
+                    let t = Instant::now();
+                    stream_download(&ctx, &stream_out).await?;
+                    verify_only(&ctx, &stream_out).await?;
+                    q = t.elapsed().as_secs_f64();
                     std::fs::remove_file(&stream_out)?;
                 }
             }
         }
         let v = verify_only(&ctx, &curl_out).await?;
         println!(
-            "  run {}/{n}: ours (download+verify+publish) {o:.3} s | curl -o {c:.3} s | our client stream+fsync {s:.3} s | verify alone {v:.3} s | ours/curl {:.3}, ours/stream {:.3}",
+            "  run {}/{n}: ours (download+verify+publish) {o:.3} s | curl -o {c:.3} s | our client stream+fsync {s:.3} s | stream then verify (sequential) {q:.3} s | verify alone {v:.3} s | ours/curl {:.3}, ours/stream {:.3}, sequential/stream {:.3}",
             i + 1,
             o / c,
-            o / s
+            o / s,
+            q / s
         );
+        d_seq.push(q);
         d_ours.push(o);
         d_curl.push(c);
         d_stream.push(s);
@@ -773,9 +801,11 @@ async fn drive(args: &Args) -> Result<()> {
             median(curl_rss)
         );
     }
-    println!(
-        "  first upload of the process (cold allocator): peak RSS growth {cold_mem:.1} MiB (target < 64)"
-    );
+    if !args.download_only {
+        println!(
+            "  first upload of the process (cold allocator): peak RSS growth {cold_mem:.1} MiB (target < 64)"
+        );
+    }
     let (mo, mc, ms, mv) = (
         median(&d_ours),
         median(&d_curl),
@@ -789,6 +819,11 @@ async fn drive(args: &Args) -> Result<()> {
         "  ours / curl -o = {:.3}; ours / stream-only = {:.3} (target <= 1.1)",
         mo / mc,
         mo / ms
+    );
+    let mq = median(&d_seq);
+    println!(
+        "  stream then verify in a second pass (the sequential way): {mq:.3} s = {:.3} x stream-only",
+        mq / ms
     );
     println!(
         "  verify pass components (one run): sequential read from page cache {read_s:.3} s, blake2b-192 in memory {blake_s:.3} s; rest of verify (finite check, per-tensor Vec) ~{:.3} s",

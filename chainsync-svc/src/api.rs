@@ -301,7 +301,7 @@ pub async fn serve(
         hr.set_not_serving::<pb::chain_sync_server::ChainSyncServer<ChainSyncApi>>()
             .await;
     });
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = miner_service::grpc_incoming(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

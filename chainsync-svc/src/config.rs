@@ -12,6 +12,7 @@ use miner_keys::Hotkey;
 
 use crate::chain::Endpoint;
 use crate::phase::{CyclePeriods, PhaseSchedule, PhaseSourceKind};
+use crate::transport::Backoff;
 
 pub use miner_service::LogFormat;
 
@@ -46,6 +47,18 @@ pub struct Cli {
     /// The owner phase API (default: `cycle.owner_url` of the config).
     #[arg(long, env = "CHAINSYNC_OWNER_URL")]
     pub owner_url: Option<String>,
+    /// Validator hotkeys (SS58, comma-separated; `@FILE` reads one per line, `#` comments) that
+    /// count as validators when the owner phase API does not name them: always with
+    /// `--phase-source local`, and as a fallback when the API's whitelist is unavailable.
+    /// Without a whitelist, role gating is off: downloads consider every neuron's commitment and
+    /// the submission job finds no validator to submit to.
+    #[arg(
+        long,
+        env = "CHAINSYNC_VALIDATOR_WHITELIST",
+        value_delimiter = ',',
+        value_name = "SS58,..|@FILE"
+    )]
+    pub validator_whitelist: Vec<String>,
     /// gRPC address.
     #[arg(long, env = "CHAINSYNC_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
@@ -69,6 +82,20 @@ pub struct Cli {
     /// PEM private key for `--tls-cert`.
     #[arg(long, env = "CHAINSYNC_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Pause between attempts to submit the checkpoint to the validator, in milliseconds
+    /// (default: the reference's 60 s). For tests with short phases and for slow links; a retry
+    /// is never started past the Submission phase's end either way.
+    #[arg(long, env = "CHAINSYNC_SUBMIT_RETRY_BACKOFF_MS", value_name = "MS")]
+    pub submit_retry_backoff_ms: Option<u64>,
+    /// Pause between attempts to download the validator baseline, in milliseconds (default:
+    /// the reference's 10 s). For tests with short phases and for slow links.
+    #[arg(long, env = "CHAINSYNC_DOWNLOAD_RETRY_BACKOFF_MS", value_name = "MS")]
+    pub download_retry_backoff_ms: Option<u64>,
+    /// The chain's block time in milliseconds (default: 12000, Bittensor's). Transfer deadlines
+    /// are estimated with it, and, while neither the chain nor the phase source can be read,
+    /// when a phase is over. For devnets and tests with faster blocks.
+    #[arg(long, env = "CHAINSYNC_BLOCK_TIME_MS", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub block_time_ms: Option<u64>,
 }
 
 /// A setting that cannot be used; names the field or file.
@@ -132,10 +159,14 @@ pub struct Settings {
     /// TLS on the gRPC listener.
     pub tls: Option<miner_service::TlsFiles>,
     pub timing: Timing,
-    /// Validator whitelist for the local phase source (the owner API serves its own).
+    /// `--validator-whitelist`: the validators for the local phase source, and the fallback
+    /// when the owner API's whitelist is unavailable.
     pub local_whitelist: Vec<String>,
     /// Most miners one validator takes in the §6.2 assignment.
     pub max_miners_per_validator: Option<usize>,
+    /// Transfer retry policies and commit attempts (the reference's, unless shortened by
+    /// `--submit-retry-backoff-ms` / `--download-retry-backoff-ms`).
+    pub policies: crate::jobs::Policies,
 }
 
 impl std::fmt::Debug for Settings {
@@ -150,6 +181,38 @@ impl std::fmt::Debug for Settings {
             .field("expert_group", &self.expert_group.group_id)
             .finish_non_exhaustive()
     }
+}
+
+/// The hotkeys of `--validator-whitelist`: SS58 addresses, or `@FILE` with one per line
+/// (blank lines and `#` comments ignored); each must decode. Duplicates are dropped.
+pub fn parse_whitelist(items: &[String]) -> Result<Vec<String>, SettingsError> {
+    const FIELD: &str = "--validator-whitelist";
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |hk: &str, from: &str| -> Result<(), SettingsError> {
+        miner_keys::ss58_decode(hk)
+            .map_err(|e| bad(FIELD, format!("{from}{hk:?} is not an SS58 hotkey: {e}")))?;
+        if !out.iter().any(|h| h == hk) {
+            out.push(hk.to_owned());
+        }
+        Ok(())
+    };
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        match item.strip_prefix('@') {
+            Some(file) => {
+                let path = miner_keys::expand_home(Path::new(file));
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| bad(FIELD, format!("{}: {e}", path.display())))?;
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.split('#').next().unwrap_or("").trim();
+                    if !line.is_empty() {
+                        add(line, &format!("{} line {}: ", path.display(), n + 1))?;
+                    }
+                }
+            }
+            None => add(item, "")?,
+        }
+    }
+    Ok(out)
 }
 
 /// The config file and the run directory `--path` names (the file itself or a directory
@@ -253,7 +316,18 @@ impl Settings {
             );
             bad(format!("--wallet-path ({})", key.display()), e.to_string())
         })?;
+        let local_whitelist = parse_whitelist(&cli.validator_whitelist)?;
+        let mut policies = crate::jobs::Policies::default();
+        if let Some(ms) = cli.submit_retry_backoff_ms {
+            policies.submit.backoff = Backoff::Fixed(Duration::from_millis(ms));
+        }
+        if let Some(ms) = cli.download_retry_backoff_ms {
+            policies.download.backoff = Backoff::Fixed(Duration::from_millis(ms));
+        }
         let mut timing = Timing::default();
+        if let Some(ms) = cli.block_time_ms {
+            timing.block_time = Duration::from_millis(ms);
+        }
         // Keep the pin over a whole cycle at the configured block time (plus slack).
         let cycle_secs = schedule
             .cycle_length()
@@ -274,8 +348,9 @@ impl Settings {
             control_token: None,
             tls,
             timing,
-            local_whitelist: Vec::new(),
+            local_whitelist,
             max_miners_per_validator: Some(5),
+            policies,
             config,
         })
     }

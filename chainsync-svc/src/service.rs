@@ -116,7 +116,7 @@ async fn run_full(
         phase_src,
         settings.phase_source,
         http,
-        overrides.policies.unwrap_or_default(),
+        overrides.policies.unwrap_or(settings.policies),
         metrics.clone(),
     )?;
 

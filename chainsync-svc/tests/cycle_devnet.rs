@@ -255,6 +255,18 @@ fn start_validator(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_cycle_downloads_commits_submits_and_stops_cleanly() {
+    full_cycle(PhaseSourceKind::OwnerApi).await;
+}
+
+/// The same cycle with `--phase-source local`: the validators come from
+/// `--validator-whitelist` (without it, role gating is off and nobody is assigned to us, so the
+/// submission would be skipped); the download, both commits and the submission succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_local_phase_source_with_a_validator_whitelist_submits() {
+    full_cycle(PhaseSourceKind::Local).await;
+}
+
+async fn full_cycle(source: PhaseSourceKind) {
     let _serial = SERIAL.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter("chainsync_svc=info")
@@ -422,14 +434,22 @@ async fn a_full_cycle_downloads_commits_submits_and_stops_cleanly() {
         wallet_path: wallet_dir(),
         password_env: None,
         network: None,
-        phase_source: PhaseSourceKind::OwnerApi,
+        phase_source: source,
         owner_url: Some(phase_api.url()),
+        validator_whitelist: if source == PhaseSourceKind::Local {
+            vec![BOB.to_owned(), charlie.ss58().to_owned()]
+        } else {
+            Vec::new()
+        },
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         log_format: LogFormat::Text,
         otlp_endpoint: None,
         tls_cert: None,
         tls_key: None,
+        submit_retry_backoff_ms: None,
+        download_retry_backoff_ms: None,
+        block_time_ms: None,
     };
     let mut settings = Settings::from_cli(&cli).expect("settings");
     settings.timing.poll = Duration::from_millis(100);
@@ -935,12 +955,16 @@ async fn a_restart_finds_its_commitment_on_chain_and_continues_the_cycle() {
             network: None,
             phase_source: PhaseSourceKind::Local,
             owner_url: None,
+            validator_whitelist: Vec::new(),
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
             tls_cert: None,
             tls_key: None,
+            submit_retry_backoff_ms: None,
+            download_retry_backoff_ms: None,
+            block_time_ms: None,
         };
         let mut settings = Settings::from_cli(&cli).expect("settings");
         settings.timing.poll = Duration::from_millis(100);
@@ -1118,12 +1142,16 @@ async fn a_commit_that_cannot_finish_in_its_phase_is_missed_not_sent() {
         network: None,
         phase_source: PhaseSourceKind::Local,
         owner_url: None,
+        validator_whitelist: Vec::new(),
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         log_format: LogFormat::Text,
         otlp_endpoint: None,
         tls_cert: None,
         tls_key: None,
+        submit_retry_backoff_ms: None,
+        download_retry_backoff_ms: None,
+        block_time_ms: None,
     };
     let mut settings = Settings::from_cli(&cli).expect("settings");
     settings.timing.poll = Duration::from_millis(100);

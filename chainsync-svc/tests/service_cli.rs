@@ -164,3 +164,156 @@ fn a_tls_cert_without_its_key_exits_64_naming_the_flag() {
     );
     assert_untouched(dir.path(), port);
 }
+
+#[test]
+fn a_bad_validator_whitelist_exits_64_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    MinerConfig::new_run("miners", "miner_1", "r")
+        .write(dir.path())
+        .unwrap();
+    let list = dir.path().join("whitelist.txt");
+    std::fs::write(
+        &list,
+        "# validators\n5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty\nnot-a-hotkey\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_chainsync-svc"))
+        .arg("--path")
+        .arg(dir.path())
+        .arg("--wallet-path")
+        .arg(example_wallet())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--network",
+            "local",
+            "--phase-source",
+            "local",
+            "--validator-whitelist",
+        ])
+        .arg(format!(
+            "5FLSigC9HGRKVhB9FiEo4Y3koPsNmBmLJbpXg2mp1hXcS59Y,@{}",
+            list.display()
+        ))
+        .output()
+        .expect("run chainsync-svc");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("--validator-whitelist")
+            && err.contains("whitelist.txt line 3")
+            && err.contains("not-a-hotkey"),
+        "{err}"
+    );
+    assert_untouched(dir.path(), port);
+}
+
+#[test]
+fn help_documents_the_validator_whitelist() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chainsync-svc"))
+        .arg("--help")
+        .output()
+        .expect("run chainsync-svc --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        help.contains("--validator-whitelist") && help.contains("--phase-source local"),
+        "{help}"
+    );
+}
+
+#[test]
+fn help_documents_the_retry_backoff_and_block_time_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chainsync-svc"))
+        .arg("--help")
+        .output()
+        .expect("run chainsync-svc --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for flag in [
+        "--submit-retry-backoff-ms",
+        "--download-retry-backoff-ms",
+        "CHAINSYNC_SUBMIT_RETRY_BACKOFF_MS",
+        "CHAINSYNC_DOWNLOAD_RETRY_BACKOFF_MS",
+        "--block-time-ms",
+        "CHAINSYNC_BLOCK_TIME_MS",
+    ] {
+        assert!(help.contains(flag), "{flag} is documented:\n{help}");
+    }
+    assert!(help.contains("For tests"), "{help}");
+}
+
+#[test]
+fn the_retry_backoff_and_block_time_flags_set_the_policies_and_timing() {
+    use chainsync_svc::config::{Cli, Settings};
+    use chainsync_svc::transport::{Backoff, RetryPolicy};
+    use clap::Parser;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    MinerConfig::new_run("miners", "miner_1", "r")
+        .write(dir.path())
+        .unwrap();
+    let settings = |extra: &[&str]| {
+        let mut args = vec![
+            "chainsync-svc".to_owned(),
+            "--path".to_owned(),
+            dir.path().display().to_string(),
+            "--wallet-path".to_owned(),
+            example_wallet().display().to_string(),
+            "--network".to_owned(),
+            "local".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Settings::from_cli(&Cli::try_parse_from(args).expect("flags parse")).expect("settings")
+    };
+
+    let default = settings(&[]);
+    assert_eq!(default.policies.submit, RetryPolicy::submit());
+    assert_eq!(default.policies.download, RetryPolicy::download());
+    assert_eq!(default.timing.block_time, Duration::from_secs(12));
+    assert_eq!(
+        settings(&["--block-time-ms", "1000"]).timing.block_time,
+        Duration::from_millis(1000)
+    );
+
+    let short = settings(&[
+        "--submit-retry-backoff-ms",
+        "250",
+        "--download-retry-backoff-ms",
+        "40",
+    ]);
+    assert_eq!(
+        short.policies.submit,
+        RetryPolicy {
+            backoff: Backoff::Fixed(Duration::from_millis(250)),
+            ..RetryPolicy::submit()
+        },
+        "only the submission backoff changes (attempts and timeouts stay the reference's)"
+    );
+    assert_eq!(
+        short.policies.download,
+        RetryPolicy {
+            backoff: Backoff::Fixed(Duration::from_millis(40)),
+            ..RetryPolicy::download()
+        }
+    );
+    assert_eq!(
+        short.policies.commit_attempts,
+        default.policies.commit_attempts
+    );
+
+    let bad = Cli::try_parse_from([
+        "chainsync-svc",
+        "--path",
+        "x",
+        "--submit-retry-backoff-ms",
+        "soon",
+    ]);
+    assert!(bad.is_err(), "a non-number is refused");
+    let zero = Cli::try_parse_from(["chainsync-svc", "--path", "x", "--block-time-ms", "0"]);
+    assert!(zero.is_err(), "a zero block time is refused");
+}

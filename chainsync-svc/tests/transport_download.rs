@@ -4,46 +4,104 @@
 
 mod transport_support;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use chainsync_svc::commitment::ChainCheckpoint;
 use chainsync_svc::transport::verify::VerifyError;
-use chainsync_svc::transport::{TransportError, download_checkpoint, http_client};
-use miner_contract::RunDir;
+use chainsync_svc::transport::{
+    Backoff, RetryPolicy, TransportError, download_checkpoint, http_client,
+};
+use miner_contract::pt::{DType, Tensor};
+use miner_contract::{Published, RunDir};
+use miner_keys::Hotkey;
 use miner_standins::{Faults, ValidatorStandIn};
 use tokio::time::Instant;
 use transport_support::*;
+
+/// A tensor of expert 0, which is not in group 0 for layer 1.
+const FOREIGN: &str = "model.layers.1.mlp.experts.0.down_proj";
 
 struct Setup {
     _tmp: tempfile::TempDir,
     run: RunDir,
     v: ValidatorStandIn,
     hash: String,
-    served: std::path::PathBuf,
+    served: PathBuf,
 }
 
-async fn setup(tensors: std::collections::BTreeMap<String, miner_contract::pt::Tensor>) -> Setup {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let served = tmp.path().join("served_model_expgroup_0.pt");
-    let hash = write_shard(&served, &tensors).to_hex();
-    let run = RunDir::create(&tmp.path().join("run")).expect("run dir");
-    let v = validator(
-        tmp.path(),
+/// A validator stand-in (//Alice) serving `serve_file`, not checking phases.
+async fn stand_in(dir: &Path, serve_file: Option<PathBuf>) -> ValidatorStandIn {
+    validator(
+        dir,
         StandInOpts {
-            serve_file: Some(served.clone()),
+            serve_file,
             chain: None,
             check_phase: false,
             block: Arc::new(AtomicU64::new(0)),
         },
     )
-    .await;
+    .await
+}
+
+async fn setup(tensors: BTreeMap<String, Tensor>) -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let served = tmp.path().join("served_model_expgroup_0.pt");
+    let hash = write_shard(&served, &tensors).to_hex();
+    let run = RunDir::create(&tmp.path().join("run")).expect("run dir");
+    let v = stand_in(tmp.path(), Some(served.clone())).await;
     Setup {
         _tmp: tmp,
         run,
         v,
         hash,
         served,
+    }
+}
+
+/// `download_checkpoint` as the miner for group 0, with origin block `block`.
+async fn download(
+    run: &RunDir,
+    cand: &ChainCheckpoint,
+    block: u64,
+    policy: &RetryPolicy,
+    deadline: Option<Instant>,
+) -> Result<Published, TransportError> {
+    let client = http_client().expect("client");
+    download_checkpoint(
+        &client,
+        run,
+        &miner_key(),
+        cand,
+        &group(),
+        block,
+        policy,
+        deadline,
+    )
+    .await
+}
+
+impl Setup {
+    /// The served checkpoint as the chain announces it, its hash signed by `signer`.
+    fn candidate_signed_by(&self, signer: &Hotkey) -> ChainCheckpoint {
+        candidate(&self.v, &self.hash, sign_hash(signer, &self.hash))
+    }
+
+    /// The served checkpoint as the chain announces it, validly signed by the validator.
+    fn candidate(&self) -> ChainCheckpoint {
+        self.candidate_signed_by(&validator_key())
+    }
+
+    /// Downloads `cand` (origin block 1, no deadline).
+    async fn fetch(
+        &self,
+        cand: &ChainCheckpoint,
+        policy: &RetryPolicy,
+    ) -> Result<Published, TransportError> {
+        download(&self.run, cand, 1, policy, None).await
     }
 }
 
@@ -55,32 +113,13 @@ fn assert_nothing_left(s: &Setup) {
     );
 }
 
-#[tokio::test]
-async fn success_publishes_a_verified_checkpoint() {
-    let s = setup(expert_tensors(1)).await;
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
-    let published = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        8_081_505,
-        &fast_policy(0, 5000),
-        None,
-    )
-    .await
-    .expect("download succeeds");
+/// The published file is the served one, and the run lists it as a verified validator checkpoint.
+fn assert_published_intact(s: &Setup, published: &Published) {
     let file = published.path.join("model_expgroup_0.pt");
     assert_eq!(
         std::fs::read(&file).expect("published file"),
         std::fs::read(&s.served).expect("served file")
     );
-    assert!(published.path.ends_with(format!(
-        "uid_3_hotkey_{}_globalver_{GLOBAL_VER}",
-        s.v.hotkey_ss58()
-    )));
     let entry = s
         .run
         .best_validator()
@@ -90,6 +129,42 @@ async fn success_publishes_a_verified_checkpoint() {
         entry.is_verified(),
         "published download must be marked verified"
     );
+}
+
+/// `t` plus a copy of its first tensor under the name [`FOREIGN`].
+fn with_foreign_key(mut t: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    let extra = t.values().next().cloned().expect("a tensor");
+    t.insert(FOREIGN.into(), extra);
+    t
+}
+
+fn assert_foreign_key(err: &TransportError) {
+    match err {
+        TransportError::Rejected {
+            source: VerifyError::ForeignKey { name, group: 0 },
+            ..
+        } => assert_eq!(name, FOREIGN),
+        other => panic!("expected a foreign-key rejection, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn success_publishes_a_verified_checkpoint() {
+    let s = setup(expert_tensors(1)).await;
+    let published = download(
+        &s.run,
+        &s.candidate(),
+        8_081_505,
+        &fast_policy(0, 5000),
+        None,
+    )
+    .await
+    .expect("download succeeds");
+    assert_published_intact(&s, &published);
+    assert!(published.path.ends_with(format!(
+        "uid_3_hotkey_{}_globalver_{GLOBAL_VER}",
+        s.v.hotkey_ss58()
+    )));
     // The stand-in saw a correctly signed request from us.
     let recs = s.v.downloads();
     assert_eq!(recs.len(), 1);
@@ -116,20 +191,9 @@ async fn server_errors_are_retried_then_succeed() {
         fail_status: 503,
         ..Faults::default()
     });
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
-    download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(2, 5000),
-        None,
-    )
-    .await
-    .expect("third attempt succeeds");
+    s.fetch(&s.candidate(), &fast_policy(2, 5000))
+        .await
+        .expect("third attempt succeeds");
     assert_eq!(s.v.download_requests(), 3);
 }
 
@@ -140,21 +204,11 @@ async fn stalled_body_times_out_and_leaves_nothing() {
         stall_after_bytes: Some(1000),
         ..Faults::default()
     });
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
     let started = Instant::now();
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(1, 400),
-        None,
-    )
-    .await
-    .expect_err("stall must fail");
+    let err = s
+        .fetch(&s.candidate(), &fast_policy(1, 400))
+        .await
+        .expect_err("stall must fail");
     assert!(started.elapsed() < Duration::from_secs(5));
     match &err {
         TransportError::Exhausted {
@@ -182,20 +236,10 @@ async fn connection_closed_mid_body_is_a_truncation() {
         close_after_bytes: Some(3000),
         ..Faults::default()
     });
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(0, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
+    let err = s
+        .fetch(&s.candidate(), &fast_policy(0, 5000))
+        .await
+        .expect_err("must fail");
     match &err {
         TransportError::Exhausted { last, .. } => {
             assert!(
@@ -218,19 +262,10 @@ async fn wrong_hash_is_rejected() {
     let other = write_shard(&s.run.path().join("other.pt"), &expert_tensors(99)).to_hex();
     std::fs::remove_file(s.run.path().join("other.pt")).expect("rm");
     let cand = candidate(&s.v, &other, sign_hash(&validator_key(), &other));
-    let client = http_client().expect("client");
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(0, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
+    let err = s
+        .fetch(&cand, &fast_policy(0, 5000))
+        .await
+        .expect_err("must fail");
     assert!(
         matches!(
             err,
@@ -248,20 +283,11 @@ async fn wrong_hash_is_rejected() {
 async fn bad_signature_is_rejected_without_downloading() {
     let s = setup(expert_tensors(6)).await;
     // Signed by someone else (the miner key), not by the validator hotkey.
-    let cand = candidate(&s.v, &s.hash, sign_hash(&miner_key(), &s.hash));
-    let client = http_client().expect("client");
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(0, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
+    let cand = s.candidate_signed_by(&miner_key());
+    let err = s
+        .fetch(&cand, &fast_policy(0, 5000))
+        .await
+        .expect_err("must fail");
     assert!(
         matches!(
             err,
@@ -282,33 +308,12 @@ async fn bad_signature_is_rejected_without_downloading() {
 
 #[tokio::test]
 async fn foreign_keys_are_rejected() {
-    let mut t = expert_tensors(7);
-    let extra = t.values().next().cloned().expect("a tensor");
-    t.insert("model.layers.1.mlp.experts.0.down_proj".into(), extra); // expert 0 is not in group 0 for layer 1
-    let s = setup(t).await;
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(0, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
-    match &err {
-        TransportError::Rejected {
-            source: VerifyError::ForeignKey { name, group: 0 },
-            ..
-        } => {
-            assert_eq!(name, "model.layers.1.mlp.experts.0.down_proj")
-        }
-        other => panic!("expected a foreign-key rejection, got {other}"),
-    }
+    let s = setup(with_foreign_key(expert_tensors(7))).await;
+    let err = s
+        .fetch(&s.candidate(), &fast_policy(0, 5000))
+        .await
+        .expect_err("must fail");
+    assert_foreign_key(&err);
     assert_nothing_left(&s);
 }
 
@@ -320,20 +325,10 @@ async fn forbidden_is_not_retried() {
         fail_status: 403,
         ..Faults::default()
     });
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(5, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
+    let err = s
+        .fetch(&s.candidate(), &fast_policy(5, 5000))
+        .await
+        .expect_err("must fail");
     assert_eq!(err.status(), Some(403), "{err}");
     assert_eq!(s.v.download_requests(), 1);
     assert_nothing_left(&s);
@@ -347,27 +342,16 @@ async fn retries_stop_at_the_deadline() {
         fail_status: 503,
         ..Faults::default()
     });
-    let cand = candidate(&s.v, &s.hash, sign_hash(&validator_key(), &s.hash));
-    let client = http_client().expect("client");
-    let policy = chainsync_svc::transport::RetryPolicy {
+    let policy = RetryPolicy {
         attempt_timeout: Duration::from_secs(30),
         retries: 100,
-        backoff: chainsync_svc::transport::Backoff::Fixed(Duration::from_millis(300)),
+        backoff: Backoff::Fixed(Duration::from_millis(300)),
     };
     let started = Instant::now();
     let deadline = started + Duration::from_secs(1);
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &policy,
-        Some(deadline),
-    )
-    .await
-    .expect_err("must fail");
+    let err = download(&s.run, &s.candidate(), 1, &policy, Some(deadline))
+        .await
+        .expect_err("must fail");
     assert!(
         started.elapsed() <= Duration::from_millis(1200),
         "took {:?}",
@@ -382,30 +366,12 @@ async fn retries_stop_at_the_deadline() {
 async fn no_checkpoint_on_the_validator_is_503() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let run = RunDir::create(&tmp.path().join("run")).expect("run dir");
-    let v = validator(
-        tmp.path(),
-        StandInOpts {
-            serve_file: None,
-            chain: None,
-            check_phase: false,
-            block: Arc::new(AtomicU64::new(0)),
-        },
-    )
-    .await;
+    let v = stand_in(tmp.path(), None).await;
     let h = "dd252182c01da6b0e8485ce0669cb0a2189e3d3758e43873";
     let cand = candidate(&v, h, sign_hash(&validator_key(), h));
-    let err = download_checkpoint(
-        &http_client().expect("c"),
-        &run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(1, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
+    let err = download(&run, &cand, 1, &fast_policy(1, 5000), None)
+        .await
+        .expect_err("must fail");
     assert_eq!(err.status(), Some(503), "{err}");
     assert_eq!(v.download_requests(), 2, "503 is retried");
     assert!(all_entries(&run.validator_dir()).is_empty());
@@ -416,24 +382,98 @@ async fn request_for_another_validator_is_refused_by_the_server() {
     let s = setup(expert_tensors(10)).await;
     // The chain says this axon belongs to Charlie (validly signed by Charlie); the server
     // behind it is Alice's, so our request targets the wrong hotkey: 403, not retried.
-    let charlie = miner_keys::Hotkey::from_uri("//Charlie").expect("dev key");
-    let mut cand = candidate(&s.v, &s.hash, sign_hash(&charlie, &s.hash));
+    let charlie = Hotkey::from_uri("//Charlie").expect("dev key");
+    let mut cand = s.candidate_signed_by(&charlie);
     cand.hotkey = charlie.ss58().to_owned();
-    let client = http_client().expect("client");
-    let err = download_checkpoint(
-        &client,
-        &s.run,
-        &miner_key(),
-        &cand,
-        &group(),
-        1,
-        &fast_policy(3, 5000),
-        None,
-    )
-    .await
-    .expect_err("must fail");
+    let err = s
+        .fetch(&cand, &fast_policy(3, 5000))
+        .await
+        .expect_err("must fail");
     assert_eq!(err.status(), Some(403), "{err}");
     assert_eq!(s.v.download_requests(), 1);
     assert_eq!(s.v.downloads()[0].target_hotkey_ss58, charlie.ss58());
     assert_nothing_left(&s);
+}
+
+/// A shard whose first tensor (in sorted order) is followed by `extra_mib` MiB of finite data,
+/// so a stall placed after the first MiB leaves most of the file unsent.
+fn big_tensors(seed: u16, extra_mib: usize) -> BTreeMap<String, Tensor> {
+    let mut t = expert_tensors(seed);
+    let big = Tensor {
+        dtype: DType::F16,
+        shape: vec![extra_mib * 512, 1024],
+        data: (0..extra_mib * 512 * 1024)
+            .flat_map(|i| (0x3000u16 | (i as u16 & 0x3FF)).to_le_bytes())
+            .collect(),
+    };
+    // Sorts after every other key of layer 1 (org ids 17, 22, 44).
+    t.insert("model.layers.1.mlp.experts.44.gate_up_proj".into(), big);
+    t
+}
+
+/// Serves `tensors` but stalls after the first MiB (the tensor list is at the front): the
+/// download must be refused from the part that arrived, without waiting for the stalled rest
+/// (20 s idle timeout) and without a retry, leaving nothing. Returns the refusal.
+async fn refused_while_streaming(tensors: BTreeMap<String, Tensor>) -> TransportError {
+    let s = setup(tensors).await;
+    s.v.set_faults(Faults {
+        stall_after_bytes: Some(1 << 20),
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let err = s
+        .fetch(&s.candidate(), &fast_policy(1, 20_000))
+        .await
+        .expect_err("must fail");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.v.download_requests(), 1, "a refusal is not retried");
+    assert_nothing_left(&s);
+    err
+}
+
+#[tokio::test]
+async fn foreign_keys_are_refused_while_the_file_still_arrives() {
+    let err = refused_while_streaming(with_foreign_key(big_tensors(11, 8))).await;
+    assert_foreign_key(&err);
+}
+
+#[tokio::test]
+async fn non_finite_values_are_refused_while_the_file_still_arrives() {
+    let mut t = big_tensors(12, 8);
+    // A NaN in the first tensor in sorted order.
+    let first = t.values_mut().next().expect("a tensor");
+    first.data[2..4].copy_from_slice(&0x7E00u16.to_le_bytes());
+    let name = t.keys().next().cloned().expect("a name");
+    match &refused_while_streaming(t).await {
+        TransportError::Rejected {
+            source: VerifyError::NonFinite { name: n },
+            ..
+        } => assert_eq!(n, &name),
+        other => panic!("expected a non-finite rejection, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_large_file_is_verified_while_streaming_and_published_intact() {
+    let s = setup(big_tensors(13, 24)).await;
+    let published = s
+        .fetch(&s.candidate(), &fast_policy(0, 20_000))
+        .await
+        .expect("download succeeds");
+    assert_published_intact(&s, &published);
+    let file = published.path.join("model_expgroup_0.pt");
+    assert_eq!(
+        miner_contract::hash::hash_pt_file(&file).unwrap().to_hex(),
+        s.hash
+    );
+    let m = s
+        .run
+        .best_validator()
+        .unwrap()
+        .expect("a validator checkpoint");
+    assert_eq!(m.manifest.as_ref().unwrap().model_hash.to_hex(), s.hash);
 }

@@ -20,8 +20,9 @@ pub enum Command {
     /// Offline checkpoint tools (no service needs to run).
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
-    /// Phase, training and job state of each trainer/chainsync pair (a table, or --json).
-    Status(OnlineArgs),
+    /// Phase, training and job state of each trainer/chainsync pair (a table, or --json);
+    /// --watch refreshes it over the same connections.
+    Status(StatusArgs),
     /// Stop services gracefully and wait until their processes have exited.
     Stop(StopArgs),
     /// The current phase of the subnet cycle (from chainsync-svc); --watch follows it.
@@ -76,6 +77,23 @@ pub struct OnlineArgs {
     /// Machine-readable output.
     #[arg(long, env = "MINERCTL_JSON")]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub online: OnlineArgs,
+    /// Refresh every --interval seconds over the same connections until interrupted (or
+    /// --count refreshes); with --json one JSON line per refresh.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch (0: back to back).
+    #[arg(long, default_value_t = 2.0, requires = "watch")]
+    pub interval: f64,
+    /// With --watch, stop after this many refreshes (0: until interrupted); the exit status is
+    /// the last refresh's.
+    #[arg(long, default_value_t = 0, requires = "watch")]
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -186,7 +186,8 @@ fn timeout_of(t: &TargetArgs) -> Result<Duration, CliError> {
 /// Entry point of every online command.
 pub fn run(cmd: Command) -> Result<(), CliError> {
     let target = match &cmd {
-        Command::Status(a) | Command::Checkpoints(a) => &a.target,
+        Command::Status(a) => &a.online.target,
+        Command::Checkpoints(a) => &a.target,
         Command::Stop(a) => &a.online.target,
         Command::Phase(a) => &a.online.target,
         Command::Jobs(a) => &a.online.target,
@@ -197,9 +198,18 @@ pub fn run(cmd: Command) -> Result<(), CliError> {
     };
     let hosts = crate::fleet::resolve(target)?;
     let timeout = timeout_of(target)?;
-    let otlp = target.otlp_endpoint.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let otlp = target.otlp_endpoint.clone().filter(|e| !e.is_empty());
+    // Everything minerctl does is waiting on a few connections: one thread is enough and
+    // starts fastest. The OTLP exporter flushes from its own thread after the command has run
+    // (`telemetry.shutdown()` below), which needs runtime threads of its own.
+    let mut builder = if otlp.is_some() {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = builder
         .enable_all()
         .build()
         .map_err(|e| CliError::new(Exit::Other, format!("start the async runtime: {e}")))?;
@@ -213,7 +223,10 @@ pub fn run(cmd: Command) -> Result<(), CliError> {
         )
         .map_err(|e| CliError::new(Exit::Usage, e.to_string()))?
     };
-    let result = rt.block_on(run_async(cmd, hosts, timeout));
+    let result = match &cmd {
+        Command::Status(a) if a.watch => rt.block_on(status_watch(a, target, hosts, timeout)),
+        _ => rt.block_on(run_async(cmd, hosts, timeout)),
+    };
     telemetry.shutdown();
     result
 }
@@ -235,7 +248,8 @@ async fn run_async(cmd: Command, hosts: Vec<Host>, timeout: Duration) -> Result<
     let root =
         tracing::info_span!("minerctl", otel.name = %format!("minerctl {name}"), command = name);
     let json = match &cmd {
-        Command::Status(a) | Command::Checkpoints(a) => a.json,
+        Command::Status(a) => a.online.json,
+        Command::Checkpoints(a) => a.json,
         Command::Stop(a) => a.online.json,
         Command::Phase(a) => a.online.json,
         Command::Jobs(a) => a.online.json,
@@ -275,7 +289,21 @@ async fn run_async(cmd: Command, hosts: Vec<Host>, timeout: Duration) -> Result<
 
     let mut stdout = String::new();
     if json {
-        let arr: Vec<Value> = outputs
+        stdout = serde_json::to_string_pretty(&outputs_json(&outputs)).unwrap_or_default();
+        stdout.push('\n');
+    } else {
+        for o in &outputs {
+            stdout.push_str(&o.text);
+        }
+    }
+    print!("{stdout}");
+    outcome(outputs, multi)
+}
+
+/// The hosts' JSON documents as one array, each with its `host` and `errors`.
+fn outputs_json(outputs: &[HostOutput]) -> Value {
+    Value::Array(
+        outputs
             .iter()
             .map(|o| {
                 let mut v = o.json.clone();
@@ -293,15 +321,13 @@ async fn run_async(cmd: Command, hosts: Vec<Host>, timeout: Duration) -> Result<
                 }
                 v
             })
-            .collect();
-        stdout = serde_json::to_string_pretty(&arr).unwrap_or_default();
-        stdout.push('\n');
-    } else {
-        for o in &outputs {
-            stdout.push_str(&o.text);
-        }
-    }
-    print!("{stdout}");
+            .collect(),
+    )
+}
+
+/// The command's result from the hosts' failures: the one failure of a single host as is;
+/// several listed on stderr (per host) and the most actionable exit code.
+fn outcome(outputs: Vec<HostOutput>, multi: bool) -> Result<(), CliError> {
     let failures: Vec<(String, Failure)> = outputs
         .into_iter()
         .flat_map(|o| {
@@ -583,12 +609,43 @@ fn fmt_job(j: &Option<JobView>) -> String {
     }
 }
 
-async fn status(h: &Host, timeout: Duration, out: &mut HostOutput) {
-    let (mut tc, mut cc) = tokio::join!(
+/// The open connections of one host's pair (kept across `status --watch` refreshes).
+struct PairConns {
+    trainer: Conn<TrainerClient>,
+    chainsync: Conn<ChainClient>,
+}
+
+/// Connects to both services of `h` at once.
+async fn connect_pair(h: &Host, timeout: Duration) -> PairConns {
+    let (trainer, chainsync) = tokio::join!(
         connect_trainer(&h.trainer, timeout),
         connect_chainsync(&h.chainsync, timeout)
     );
-    let ((tv, tf), (cv, cf)) = tokio::join!(trainer_view(&mut tc), chain_view(&mut cc));
+    PairConns { trainer, chainsync }
+}
+
+/// One `status` of one host: connect to both services concurrently, query, render.
+async fn status(h: &Host, timeout: Duration, out: &mut HostOutput) {
+    let started = Instant::now();
+    let mut conns = connect_pair(h, timeout).await;
+    status_query(h, &mut conns, started, out).await;
+}
+
+/// Queries both services of `h` over `conns` (all calls concurrently) and renders the table
+/// and the JSON; `round_trip_ms` is the time since `started`. Returns whether the trainer's
+/// and the chainsync's part failed.
+async fn status_query(
+    h: &Host,
+    conns: &mut PairConns,
+    started: Instant,
+    out: &mut HostOutput,
+) -> (bool, bool) {
+    let ((tv, tf), (cv, cf)) = tokio::join!(
+        trainer_view(&mut conns.trainer),
+        chain_view(&mut conns.chainsync)
+    );
+    let round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
+    let failed = (tf.is_some(), cf.is_some());
     out.failures.extend(tf);
     out.failures.extend(cf);
     let mut t = format!("== {}\n", h.name);
@@ -663,8 +720,150 @@ async fn status(h: &Host, timeout: Duration, out: &mut HostOutput) {
             fmt_job(&cv.last_submission)
         ));
     }
+    t.push_str(&format!("  {:<15}{round_trip_ms:.1} ms\n", "round trip"));
     out.text = t;
-    out.json = json!({ "trainer": tv, "chainsync": cv });
+    out.json = json!({ "trainer": tv, "chainsync": cv, "round_trip_ms": round_trip_ms });
+    failed
+}
+
+/// `status --watch`: refreshes every `--interval` over connections kept open between
+/// refreshes (a service whose call failed is reconnected, after re-reading the run directory or
+/// fleet file, at the next refresh). Text is redrawn on a terminal; `--json` prints one line
+/// per refresh. Ends on Ctrl-C (exit 0) or after `--count` refreshes (the last one's status).
+async fn status_watch(
+    a: &crate::cli::StatusArgs,
+    target: &TargetArgs,
+    mut hosts: Vec<Host>,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    use std::io::{IsTerminal, Write};
+    if !(a.interval.is_finite() && a.interval >= 0.0) {
+        return Err(CliError::new(
+            Exit::Usage,
+            "--interval must be a number of seconds >= 0",
+        ));
+    }
+    let interval = Duration::from_secs_f64(a.interval);
+    let json = a.online.json;
+    let tty = std::io::stdout().is_terminal();
+    let mut trainers: Vec<Option<Conn<TrainerClient>>> = hosts.iter().map(|_| None).collect();
+    let mut chains: Vec<Option<Conn<ChainClient>>> = hosts.iter().map(|_| None).collect();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut refresh = 0u64;
+    loop {
+        let tick = Instant::now();
+        refresh += 1;
+        // A service that failed last time: its address may have changed (a restart binds a
+        // new port and rewrites the endpoints file), so resolve again before reconnecting.
+        if refresh > 1
+            && (trainers.iter().any(Option::is_none) || chains.iter().any(Option::is_none))
+            && let Ok(fresh) = crate::fleet::resolve(target)
+        {
+            if fresh.len() != hosts.len() {
+                trainers = fresh.iter().map(|_| None).collect();
+                chains = fresh.iter().map(|_| None).collect();
+            }
+            hosts = fresh;
+        }
+        let multi = hosts.len() > 1;
+        let root = tracing::info_span!(
+            "minerctl",
+            otel.name = "minerctl status",
+            command = "status",
+            refresh
+        );
+        let futs = hosts
+            .iter()
+            .zip(trainers.iter_mut().zip(chains.iter_mut()))
+            .map(|(h, (tc, cc))| {
+                let span = tracing::info_span!(parent: &root, "host", otel.name = %format!("minerctl status {}", h.name), host = %h.name);
+                async move {
+                    let mut out = HostOutput {
+                        host: h.name.clone(),
+                        json: json!({}),
+                        text: String::new(),
+                        failures: Vec::new(),
+                    };
+                    let started = Instant::now();
+                    let query = async {
+                        let (t, c) = tokio::join!(
+                            async {
+                                match tc.take() {
+                                    Some(c) => c,
+                                    None => connect_trainer(&h.trainer, timeout).await,
+                                }
+                            },
+                            async {
+                                match cc.take() {
+                                    Some(c) => c,
+                                    None => connect_chainsync(&h.chainsync, timeout).await,
+                                }
+                            }
+                        );
+                        let mut conns = PairConns {
+                            trainer: t,
+                            chainsync: c,
+                        };
+                        let failed = status_query(h, &mut conns, started, &mut out).await;
+                        (conns, failed)
+                    };
+                    match tokio::time::timeout(timeout + Duration::from_secs(1), query).await {
+                        Ok((conns, (t_failed, c_failed))) => {
+                            // Keep what answered; reconnect the rest next time.
+                            if !t_failed {
+                                *tc = Some(conns.trainer);
+                            }
+                            if !c_failed {
+                                *cc = Some(conns.chainsync);
+                            }
+                        }
+                        Err(_) => out.failures.push(Failure::new(
+                            Exit::TempFail,
+                            format!("DeadlineExceeded: {} did not answer within {timeout:?}", h.name),
+                        )),
+                    }
+                    out
+                }
+                .instrument(span)
+            });
+        let outputs = futures::future::join_all(futs).await;
+        drop(root);
+        let mut stdout = String::new();
+        if json {
+            stdout = serde_json::to_string(&outputs_json(&outputs)).unwrap_or_default();
+            stdout.push('\n');
+        } else {
+            if tty {
+                stdout.push_str("\x1b[H\x1b[2J");
+            }
+            stdout.push_str(&format!(
+                "minerctl status --watch: refresh {refresh}, every {:?} (Ctrl-C to stop)\n",
+                interval
+            ));
+            for o in &outputs {
+                stdout.push_str(&o.text);
+            }
+        }
+        {
+            let mut so = std::io::stdout().lock();
+            if so
+                .write_all(stdout.as_bytes())
+                .and_then(|_| so.flush())
+                .is_err()
+            {
+                // The reader went away (`| head`): nothing more to show.
+                return Ok(());
+            }
+        }
+        if a.count != 0 && refresh >= a.count {
+            return outcome(outputs, multi);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval.saturating_sub(tick.elapsed())) => {}
+            _ = &mut ctrl_c => return Ok(()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------- stop

@@ -326,6 +326,166 @@ fn operator_session_status_refused_stop_fleet_and_graceful_stop_in_one_trace() {
     }
 }
 
+/// Starts trainer-svc on `run` (loopback, any port) and waits for its endpoints file.
+fn start_trainer(run: &Path) -> (KillOnDrop, Endpoints) {
+    let mut child = KillOnDrop(
+        Command::new(trainer_bin())
+            .args(["--device", "cpu", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--path"])
+            .arg(run)
+            .env("OMP_NUM_THREADS", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(e)) = Endpoints::read(run, "trainer")
+            && e.pid == child.0.id()
+        {
+            return (child, e);
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "trainer-svc exited early"
+        );
+        assert!(Instant::now() < deadline, "no endpoints file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads `minerctl status --watch --json` lines until one satisfies `pred` (60 s at most).
+fn watch_until(
+    lines: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => {
+                let v: serde_json::Value = serde_json::from_str(&l)
+                    .unwrap_or_else(|e| panic!("not one JSON document per line ({e}): {l}"));
+                if pred(&v[0]) {
+                    return v[0].clone();
+                }
+                last = l;
+            }
+            Err(_) => panic!("--watch never showed {what}; last refresh: {last}"),
+        }
+    }
+}
+
+#[test]
+fn status_watch_refreshes_over_open_connections_and_follows_a_restarted_trainer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = small_run_dir(tmp.path());
+    let run_s = run.to_str().unwrap().to_string();
+
+    // Nothing running: --count refreshes, one JSON line each, the last refresh's exit status.
+    let out = minerctl(&[
+        "status",
+        "--watch",
+        "--interval",
+        "0",
+        "--count",
+        "3",
+        "--json",
+        "--path",
+        &run_s,
+    ]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    let so = text(&out.stdout);
+    assert_eq!(so.lines().count(), 3, "{so}");
+    for l in so.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v[0]["trainer"]["reachable"], false, "{l}");
+    }
+
+    let (mut first, ep1) = start_trainer(&run);
+    let addr1 = format!("http://{}", ep1.dial_addr());
+    let mut watch = KillOnDrop(
+        Command::new(MINERCTL)
+            .args([
+                "status",
+                "--watch",
+                "--interval",
+                "0.05",
+                "--json",
+                "--path",
+            ])
+            .arg(&run)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = watch.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    // It follows the training as it goes, with each refresh's round-trip time.
+    let a = watch_until(&lines, "a training step", |v| {
+        v["trainer"]["inner_opt_step"].as_u64().unwrap_or(0) >= 1
+    });
+    assert_eq!(a["trainer"]["address"], addr1.as_str(), "{a}");
+    assert!(a["round_trip_ms"].as_f64().unwrap() > 0.0, "{a}");
+    let step = a["trainer"]["inner_opt_step"].as_u64().unwrap();
+    watch_until(&lines, "the step advancing", |v| {
+        v["trainer"]["inner_opt_step"].as_u64().unwrap_or(0) > step
+    });
+
+    // The trainer goes away: shown as unreachable, the watch goes on.
+    let st = Command::new("kill")
+        .args(["-TERM", &first.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(first.0.wait().unwrap().success());
+    watch_until(&lines, "the trainer unreachable", |v| {
+        v["trainer"]["reachable"] == false
+    });
+    // A new trainer on another port: found again through the run directory.
+    let (_second, ep2) = start_trainer(&run);
+    let addr2 = format!("http://{}", ep2.dial_addr());
+    assert_ne!(addr1, addr2);
+    let b = watch_until(&lines, "the restarted trainer", |v| {
+        v["trainer"]["reachable"] == true
+    });
+    assert_eq!(b["trainer"]["address"], addr2.as_str(), "{b}");
+    assert!(watch.0.try_wait().unwrap().is_none(), "--watch exited");
+
+    // Ctrl-C ends it cleanly.
+    let st = Command::new("kill")
+        .args(["-INT", &watch.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = watch.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "--watch did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+}
+
 #[test]
 fn bad_targets_and_completions() {
     let tmp = tempfile::tempdir().unwrap();

@@ -21,6 +21,9 @@ use miner_proto::trainer::v1 as tpb;
 use miner_standins::{ChainCheckpointView, OwnerSchedule};
 use serde_json::json;
 
+pub mod proxy;
+pub mod scenario;
+
 /// The subnet of the devnet seed.
 pub const NETUID: u16 = 102;
 /// The example wallet's coldkey / hotkey names (uid 0 of the devnet seed).

@@ -192,7 +192,7 @@ async fn sigkill_during_a_download_leaves_no_unverified_baseline_and_the_restart
     })
     .await;
     let h0 = d.head().unwrap();
-    let k0 = h0 / l + 1;
+    let k0 = scenario::validator_commit_cycle(&sched, h0);
     // Jump to the block before ValidatorCommit1 of cycle k0.
     let target = k0 * l + sched.phase_offset(PhaseName::ValidatorCommit1) - 1;
     d.new_blocks(u32::try_from(target - h0).unwrap()).unwrap();

@@ -8,7 +8,7 @@
 //! `{"h","v","e"}` of a baseline (a copy of the trainer's first expert file, as a merged model
 //! would be). Cycle c+1: chainsync downloads, verifies and publishes the baseline, the trainer
 //! loads it, and the miner commits and submits. Cycle c+2: a newer checkpoint is
-//! committed and submitted. Then `minerctl stop` ends both with a final checkpoint.
+//! committed and submitted. Then `minerctl stop all` ends both, the trainer with a final checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -277,7 +277,7 @@ async fn two_cycles_with_the_real_services_download_commit_submit_and_stop() {
 
     // Jump to the block before ValidatorCommit1 of cycle c, then one block a second.
     let h0 = d.head().unwrap();
-    let c = h0 / l + 1;
+    let c = scenario::validator_commit_cycle(&sched, h0);
     let target = c * l + sched.phase_offset(PhaseName::ValidatorCommit1) - 1;
     d.new_blocks(u32::try_from(target - h0).unwrap()).unwrap();
     let now = d.head().unwrap();
@@ -405,15 +405,16 @@ async fn two_cycles_with_the_real_services_download_commit_submit_and_stop() {
 
     // minerctl stops both; the trainer writes a final checkpoint.
     let before_stop = run.best_own().unwrap().expect("own checkpoint");
-    let (s, out, err) = minerctl(&["stop", "trainer", "--path", run_s]).unwrap();
-    assert!(s.success(), "minerctl stop trainer: {out}{err}");
-    if run_dir.join("control/chainsync.json").exists() {
-        let (s, out, err) = minerctl(&["stop", "chainsync", "--path", run_s]).unwrap();
-        assert!(s.success(), "minerctl stop chainsync: {out}{err}");
-    } else {
-        // chainsync-svc does not write its endpoint file yet: SIGTERM.
-        chainsync.signal("TERM");
-    }
+    assert!(
+        run_dir.join("control/chainsync.json").is_file(),
+        "chainsync-svc publishes its endpoints for minerctl"
+    );
+    let (s, out, err) = minerctl(&["stop", "all", "--path", run_s]).unwrap();
+    assert!(s.success(), "minerctl stop all: {out}{err}");
+    assert!(
+        out.matches(" exited").count() == 2,
+        "minerctl waits for both to exit: {out}{err}"
+    );
     let ts = trainer
         .wait_for(Duration::from_secs(60))
         .expect("trainer exits");
@@ -434,6 +435,12 @@ async fn two_cycles_with_the_real_services_download_commit_submit_and_stop() {
         run.pins().unwrap().is_empty(),
         "no pin outlives the services"
     );
+    for name in ["trainer.json", "chainsync.json"] {
+        assert!(
+            !run_dir.join("control").join(name).exists(),
+            "control/{name} is removed on exit"
+        );
+    }
     let leftovers: Vec<String> = listdir(&run_dir)
         .into_iter()
         .filter(|n| n.starts_with(miner_contract::layout::TMP_PREFIX))

@@ -241,7 +241,7 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(miner_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = miner_service::grpc_incoming(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -58,6 +58,12 @@ pub struct Cli {
     /// `text` or `json` log lines.
     #[arg(long, env = "TRAINER_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// How much lower the training threads' CPU priority is than the service's (a nice increment,
+    /// 0-19), so status and stop calls are answered at once even when training keeps every core
+    /// busy; with nothing else runnable training still gets every core. 0 turns it off.
+    #[arg(long, env = "TRAINER_NICE", default_value_t = crate::TRAINING_NICE,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub training_nice: i32,
 }
 
 pub use miner_service::LogFormat;
@@ -140,6 +146,8 @@ pub struct Settings {
     pub control_token: Option<miner_service::ControlToken>,
     /// `--chainsync` as an `http://` URI; `None`: the run directory's endpoints file.
     pub chainsync: Option<String>,
+    /// `--training-nice`: the nice increment of the training threads.
+    pub training_nice: i32,
 }
 
 /// Name of the embedded default expert group (selectable in YAML as `task.expert_group_name`).
@@ -398,6 +406,7 @@ impl Settings {
             tls,
             control_token: None,
             chainsync,
+            training_nice: cli.training_nice,
         })
     }
 

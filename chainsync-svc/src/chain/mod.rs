@@ -8,9 +8,13 @@
 //! block (what bittensor's `metagraph()` calls); stake is the sum of the neuron's alpha stake entries.
 //! Commitments come from iterating `Commitments.CommitmentOf(netuid, *)`. Transactions are **mortal for 128
 //! blocks** (like bittensor) and wait for finalization. Reads are retried with a reconnect on connection
-//! errors and transient node errors (bounded, exponential backoff); "state discarded" (a pruned node asked
-//! for an old block) is an error, never a silent fall-back to the head. Writes are not retried here: a
-//! failed commit is reported with its reason and the caller decides (within its phase).
+//! errors and transient node errors (bounded, exponential backoff; each retry makes one connection
+//! attempt, so `attempts` bounds the whole read); "state discarded" (a pruned node asked for an old block)
+//! is an error, never a silent fall-back to the head. The head read is the exception to the backoff: the
+//! scheduler polls it every second and must learn promptly that the chain is away (to follow the phase
+//! from another source and to record what it cannot do), so its retries are at most 250 ms apart.
+//! Writes are not retried here: a failed commit is reported with its reason and the caller decides
+//! (within its phase).
 //!
 //! **Invariant:** two extrinsics of one hotkey never go into the same block: commits of a key are
 //! serialized, and the next one waits for a head newer than the block that included the previous one.
@@ -191,6 +195,16 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The same number of attempts with backoffs of at most 250 ms (for the head read).
+    fn prompt(&self) -> RetryPolicy {
+        let cap = Duration::from_millis(250);
+        RetryPolicy {
+            attempts: self.attempts,
+            first_backoff: self.first_backoff.min(Duration::from_millis(100)),
+            max_backoff: self.max_backoff.min(cap),
+        }
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         self.first_backoff
             .saturating_mul(1u32 << attempt.min(16))
@@ -365,7 +379,15 @@ impl ChainClient {
         if self.conn.read().await.0 != seen_generation {
             return Ok(()); // someone else already reconnected
         }
-        let fresh = connect_retrying(&self.url, self.retry).await?;
+        // One attempt: the caller's retry loop is the retry (no nested backoff).
+        let fresh = connect_retrying(
+            &self.url,
+            RetryPolicy {
+                attempts: 1,
+                ..self.retry
+            },
+        )
+        .await?;
         let mut g = self.conn.write().await;
         *g = (seen_generation + 1, fresh);
         tracing::info!(url = %self.url, "reconnected to the chain");
@@ -378,7 +400,21 @@ impl ChainClient {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let attempts = self.retry.attempts.max(1);
+        self.read_with(self.retry, what, op).await
+    }
+
+    /// [`ChainClient::read`] under another retry policy.
+    async fn read_with<T, F, Fut>(
+        &self,
+        retry: RetryPolicy,
+        what: &str,
+        op: F,
+    ) -> Result<T, ChainError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let attempts = retry.attempts.max(1);
         let mut last = String::new();
         for attempt in 0..attempts {
             let (generation, conn) = self.current().await;
@@ -389,7 +425,7 @@ impl ChainClient {
                     tracing::warn!(url = %self.url, what, attempt = attempt + 1, %detail, "chain read failed; reconnecting");
                     last = detail;
                     if attempt + 1 < attempts {
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                        tokio::time::sleep(retry.backoff(attempt)).await;
                         if let Err(e) = self.reconnect(generation).await {
                             last = e.to_string();
                         }
@@ -409,9 +445,11 @@ impl ChainClient {
         classify(&self.url, what, block, e)
     }
 
-    /// The best block number (`chain_getHeader`).
+    /// The best block number (`chain_getHeader`). Retried and reconnected like every read, but
+    /// with backoffs of at most 250 ms: a caller polling the head learns within about a second
+    /// that the chain is away.
     pub async fn head(&self) -> Result<u64, ChainError> {
-        self.read("read the head block", |c| async move {
+        self.read_with(self.retry.prompt(), "read the head block", |c| async move {
             match c.rpc.chain_get_header(None).await {
                 Ok(Some(h)) => Ok(u64::from(h.number)),
                 Ok(None) => Err(Failure::Transient("node returned no header".into())),
@@ -864,6 +902,14 @@ mod tests {
             }
             Failure::Transient(t) => panic!("transient {t}"),
         }
+    }
+
+    #[test]
+    fn the_head_read_retries_as_often_but_promptly() {
+        let p = RetryPolicy::default().prompt();
+        assert_eq!(p.attempts, RetryPolicy::default().attempts);
+        let total: Duration = (0..p.attempts - 1).map(|a| p.backoff(a)).sum();
+        assert!(total <= Duration::from_secs(1), "{total:?}");
     }
 
     #[test]

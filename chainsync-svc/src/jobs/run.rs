@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use miner_contract::hash::ModelHash;
 use miner_contract::layout::model_file_name;
 use miner_contract::{CheckpointName, PinGuard};
 
-use super::{CycleCommit, Engine, JobKind, JobOutcome, JobRecord, now_unix};
+use super::{CycleCommit, Engine, JobKind, JobOutcome, JobRecord, Passed, chain_reason, now_unix};
 use crate::assignment::{assign_miners_to_validators, validator_for};
 use crate::chain::{ChainError, CommitReceipt};
 use crate::commitment::{
@@ -45,8 +47,66 @@ impl End {
 const PIN_HOLDER: &str = "chainsync-commit";
 const STOPPING: &str = "cancelled: the daemon is stopping";
 
+/// A client span for one chain call (a child of the job's span).
+fn chain_span(call: &'static str, netuid: u16, block: Option<u64>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "chain call",
+        otel.name = %format!("chain {call}"),
+        otel.kind = "client",
+        rpc.system = "substrate",
+        rpc.method = call,
+        netuid,
+        block = tracing::field::Empty,
+        included_block = tracing::field::Empty,
+        error = tracing::field::Empty,
+    );
+    if let Some(b) = block {
+        span.record("block", b);
+    }
+    span
+}
+
+/// Runs a chain call inside its span, recording a failure on it.
+async fn traced<T>(
+    span: tracing::Span,
+    fut: impl std::future::Future<Output = Result<T, ChainError>>,
+) -> Result<T, ChainError> {
+    let s = span.clone();
+    let r = fut.instrument(span).await;
+    if let Err(e) = &r {
+        s.record("error", tracing::field::display(e));
+    }
+    r
+}
+
+/// The model hash the current job works on, on its span.
+fn note_hash(hex: &str) {
+    if !hex.is_empty() {
+        tracing::Span::current().record("hash", hex);
+    }
+}
+
 impl Engine {
-    pub(crate) async fn run_job(self: Arc<Self>, mut rec: JobRecord, info: PhaseInfo) {
+    /// Runs a job inside its span (`job <kind>`, with `job`, `kind`, `block`, `phase`, `cycle`,
+    /// and `hash` once known, `outcome`, `error`); its HTTP and chain calls are child spans.
+    pub(crate) async fn run_job(self: Arc<Self>, rec: JobRecord, info: PhaseInfo) {
+        let span = tracing::info_span!(
+            "job",
+            otel.name = %format!("job {}", rec.kind.as_str().to_lowercase()),
+            job = rec.id,
+            kind = rec.kind.as_str(),
+            block = rec.started_block,
+            phase = %rec.phase,
+            cycle = rec.cycle_index,
+            manual = rec.manual,
+            hash = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        self.run_job_traced(rec, info).instrument(span).await
+    }
+
+    async fn run_job_traced(self: Arc<Self>, mut rec: JobRecord, info: PhaseInfo) {
         let kind = rec.kind;
         let end = info.phase_end_block;
         let cancel = self.jobs_cancel.clone();
@@ -65,18 +125,22 @@ impl Engine {
                     }
                 };
                 let bounded = !rec.manual || kind == JobKind::Submit;
-                let left = (end + 1).saturating_sub(self.head());
+                let left = (end + 1).saturating_sub(self.block_estimate());
                 let need = self.s.timing.min_transfer_blocks;
                 if bounded && left < need {
                     End::Missed(format!(
-                        "{left} block(s) left in {} (ends at {end}), a transfer needs {need}",
-                        info.phase_name.as_str()
+                        "{left} block(s) left in {} (ends at {end}), a transfer needs {need}{}",
+                        info.phase_name.as_str(),
+                        self.chain_down_note()
                     ))
                 } else {
                     tokio::select! {
                         r = fut => r,
-                        _ = self.head_past(end), if bounded => End::Missed(format!(
-                            "{} ended at block {end} before the job finished", info.phase_name.as_str()
+                        p = self.block_past(end), if bounded => End::Missed(format!(
+                            "{} ended at block {end} before the job finished{}{}",
+                            info.phase_name.as_str(),
+                            p.note(self.s.timing.block_time),
+                            self.chain_down_note()
                         )),
                         _ = cancel.cancelled() => End::Cancelled(STOPPING.into()),
                     }
@@ -98,6 +162,11 @@ impl Engine {
         rec.finished_unix = now_unix();
         self.log.put(&rec);
         self.metrics.job_finished(kind, outcome);
+        let span = tracing::Span::current();
+        span.record("outcome", outcome.as_str());
+        if !rec.error.is_empty() {
+            span.record("error", rec.error.as_str());
+        }
         match outcome {
             JobOutcome::Succeeded | JobOutcome::Skipped => {
                 tracing::info!(job = rec.id, kind = kind.as_str(), outcome = outcome.as_str(), reason = %rec.error, hash = %rec.model_hash, "job ended")
@@ -124,8 +193,14 @@ impl Engine {
     async fn snapshot(&self, block: u64) -> Result<CommitSnapshot, ChainError> {
         let netuid = self.s.netuid;
         let (commits, mg) = tokio::try_join!(
-            self.chain.commitments(netuid, block),
-            self.chain.metagraph(netuid, Some(block))
+            traced(
+                chain_span("commitments", netuid, Some(block)),
+                self.chain.commitments(netuid, block)
+            ),
+            traced(
+                chain_span("metagraph", netuid, Some(block)),
+                self.chain.metagraph(netuid, Some(block))
+            )
         )
         .inspect_err(|_| self.metrics.rpc_error())?;
         Ok(CommitSnapshot {
@@ -158,6 +233,10 @@ impl Engine {
             .map_err(|e| format!("previous phase blocks: {e}"))?;
         let whitelist = match self.phase_src.validator_whitelist(deadline).await {
             Ok(w) => w,
+            Err(e) if !self.s.local_whitelist.is_empty() => {
+                tracing::warn!(error = %e, "validator whitelist unavailable; using --validator-whitelist");
+                self.s.local_whitelist.clone()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "validator whitelist unavailable; role gating is off");
                 Vec::new()
@@ -220,6 +299,7 @@ impl Engine {
                 r.model_hash = cand.model_hash.clone();
                 r.global_ver = Some(cand.global_ver);
             }
+            note_hash(&cand.model_hash);
             let deadline = (!progress.lock().unwrap_or_else(|p| p.into_inner()).manual)
                 .then(|| self.deadline_for(info.phase_end_block));
             let origin_block = self.head().max(info.block);
@@ -257,11 +337,12 @@ impl Engine {
         &self,
         block: u64,
     ) -> Result<Option<(Option<u64>, Vec<u8>)>, ChainError> {
-        let all = self
-            .chain
-            .commitments(self.s.netuid, block)
-            .await
-            .inspect_err(|_| self.metrics.rpc_error())?;
+        let all = traced(
+            chain_span("commitments", self.s.netuid, Some(block)),
+            self.chain.commitments(self.s.netuid, block),
+        )
+        .await
+        .inspect_err(|_| self.metrics.rpc_error())?;
         let me = self.s.hotkey.public();
         Ok(all
             .into_iter()
@@ -269,18 +350,55 @@ impl Engine {
             .and_then(|c| Some((c.block, c.raw()?.to_vec()))))
     }
 
+    /// Our commitment as stored now (the "already on chain" check of a commit job), bounded by
+    /// the phase end and the shutdown. A failed read is not fatal (the commit is tried anyway);
+    /// its reason is returned for the record.
+    #[allow(clippy::type_complexity)]
+    async fn read_ours(
+        &self,
+        info: &PhaseInfo,
+    ) -> Result<(Option<(Option<u64>, Vec<u8>)>, Option<String>), End> {
+        let end = info.phase_end_block;
+        tokio::select! {
+            r = self.our_commitment(self.head().max(info.block)) => Ok(match r {
+                Ok(x) => (x, None),
+                Err(e) => {
+                    tracing::warn!(error = %e, phase = info.phase_name.as_str(), "read our commitment before committing");
+                    (None, Some(format!("read our commitment: {}", chain_reason(&e))))
+                }
+            }),
+            p = self.block_past(end) => Err(End::Missed(format!(
+                "{} ended at block {end} while reading our commitment{}{}",
+                info.phase_name.as_str(),
+                p.note(self.s.timing.block_time),
+                self.chain_down_note()
+            ))),
+            _ = self.jobs_cancel.cancelled() => Err(End::Cancelled(STOPPING.into())),
+        }
+    }
+
     /// Sends `payload` until it is included, the phase is over, or the attempts are spent.
     /// Never starts an extrinsic after shutdown began or after the phase end; one in flight
-    /// is let finish.
+    /// is let finish. The phase end is our chain head's, or while the chain is away the phase
+    /// source's, or failing both the block time's (so the job ends even in a total outage).
+    /// `prior_err`: why the preceding chain read failed, if it did.
     async fn commit_in_phase(
         &self,
         progress: &std::sync::Mutex<JobRecord>,
         info: &PhaseInfo,
         payload: &[u8],
+        prior_err: Option<String>,
     ) -> End {
         let end = info.phase_end_block;
-        let mut last_err = String::new();
-        for _ in 0..self.policies.commit_attempts.max(1) {
+        let max_attempts = self.policies.commit_attempts.max(1);
+        let mut last_err = prior_err.unwrap_or_default();
+        // Sends tried; a failure to reach the chain (nothing sent) does not count.
+        let mut tried = 0u32;
+        // The block we are at: the estimate, or one more per block the clock says is over
+        // while neither the chain nor the phase source shows one.
+        let mut at = 0u64;
+        let mut by_clock = String::new();
+        loop {
             if self.jobs_cancel.is_cancelled() {
                 return End::Cancelled(format!(
                     "{STOPPING}{}",
@@ -291,27 +409,36 @@ impl Engine {
                     }
                 ));
             }
-            let head = self.head();
-            let left = (end + 1).saturating_sub(head);
+            at = at.max(self.block_estimate());
+            let left = (end + 1).saturating_sub(at);
             if left < self.s.timing.min_commit_blocks {
                 let why = format!(
-                    "{} block(s) left in {} (ends at {end}), a commit needs {}",
-                    left,
+                    "{left} block(s) left in {} (ends at {end}), a commit needs {}{by_clock}",
                     info.phase_name.as_str(),
                     self.s.timing.min_commit_blocks
                 );
                 return End::Missed(if last_err.is_empty() {
-                    why
+                    format!("{why}{}", self.chain_down_note())
                 } else {
                     format!("{why}; last error: {last_err}")
                 });
             }
+            if tried >= max_attempts {
+                return End::Failed(format!("{tried} attempts failed; last error: {last_err}"));
+            }
+            tried += 1;
             progress.lock().unwrap_or_else(|p| p.into_inner()).attempts += 1;
             let t0 = Instant::now();
-            let r: Result<CommitReceipt, ChainError> = self
-                .chain
-                .set_commitment(&self.s.hotkey, self.s.netuid, payload)
-                .await;
+            let span = chain_span("set_commitment", self.s.netuid, None);
+            let r: Result<CommitReceipt, ChainError> = traced(
+                span.clone(),
+                self.chain
+                    .set_commitment(&self.s.hotkey, self.s.netuid, payload),
+            )
+            .await;
+            if let Ok(receipt) = &r {
+                span.record("included_block", receipt.block);
+            }
             match r {
                 Ok(receipt) => {
                     self.metrics.commit_latency(t0.elapsed().as_secs_f64());
@@ -332,17 +459,27 @@ impl Engine {
                 Err(e) => {
                     self.metrics.rpc_error();
                     tracing::warn!(error = %e, phase = info.phase_name.as_str(), "commit failed");
-                    last_err = e.to_string();
-                    // Wait a block before retrying (the failure may be a rate limit).
-                    let head = self.head();
+                    if matches!(e, ChainError::Unavailable { .. }) {
+                        // Nothing was sent: the chain was not reached. The phase end bounds
+                        // the retries instead.
+                        tried -= 1;
+                    }
+                    last_err = chain_reason(&e);
+                    // Wait a block before retrying (the failure may be a rate limit); in an
+                    // outage the block may only be known by the clock.
+                    at = at.max(self.block_estimate());
                     tokio::select! {
-                        _ = self.head_past(head) => {}
+                        p = self.block_past(at) => {
+                            by_clock = p.note(self.s.timing.block_time);
+                            if let Passed::Clock(_) = p {
+                                at += 1;
+                            }
+                        }
                         _ = self.jobs_cancel.cancelled() => {}
                     }
                 }
             }
         }
-        End::Failed(last_err)
     }
 
     /// Hashes the model file of `dir` (blocking work off the runtime).
@@ -386,11 +523,13 @@ impl Engine {
         };
         let (path, global_ver, hash, pin): (PathBuf, u64, ModelHash, PinGuard) = tokio::select! {
             r = prep => match r { Ok(x) => x, Err(end) => return end },
-            _ = self.head_past(info.phase_end_block) => return End::Missed(format!(
-                "MinerCommit1 ended at block {} while preparing the commit", info.phase_end_block)),
+            p = self.block_past(info.phase_end_block) => return End::Missed(format!(
+                "MinerCommit1 ended at block {} while preparing the commit{}{}",
+                info.phase_end_block, p.note(self.s.timing.block_time), self.chain_down_note())),
             _ = self.jobs_cancel.cancelled() => return End::Cancelled(STOPPING.into()),
         };
         let hex = hash.to_hex();
+        note_hash(&hex);
         progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -404,7 +543,11 @@ impl Engine {
         };
 
         // Restart safety: a `{"m"}` of ours made in this phase that signs this hash is kept.
-        if let Ok(Some((Some(at), raw))) = self.our_commitment(self.head().max(info.block)).await
+        let (read, prior_err) = match self.read_ours(info).await {
+            Ok(r) => r,
+            Err(end) => return end,
+        };
+        if let Some((Some(at), raw)) = read
             && (info.phase_start_block..=info.phase_end_block + 1).contains(&at)
             && let Some(m) = parse_commitment(&raw).and_then(|c| c.signed_model_hash)
             && crate::transport::verify::verify_hash_signature(self.s.hotkey.ss58(), &hex, &m)
@@ -431,7 +574,9 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return End::Failed(format!("commit-1 payload: {e}")),
         };
-        let end = self.commit_in_phase(progress, info, &payload).await;
+        let end = self
+            .commit_in_phase(progress, info, &payload, prior_err)
+            .await;
         if end == End::Succeeded {
             *self.commit.lock().await = Some(state);
         }
@@ -483,6 +628,7 @@ impl Engine {
             r.model_hash = hex.clone();
             r.global_ver = Some(global_ver);
         }
+        note_hash(&hex);
         let commit = MinerCommit {
             expert_group: self.s.expert_group.group_id,
             model_hash: hex,
@@ -494,7 +640,11 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return End::Failed(format!("commit-2 payload: {e}")),
         };
-        if let Ok(Some((Some(at), raw))) = self.our_commitment(self.head().max(info.block)).await
+        let (read, prior_err) = match self.read_ours(info).await {
+            Ok(r) => r,
+            Err(end) => return end,
+        };
+        if let Some((Some(at), raw)) = read
             && (info.phase_start_block..=info.phase_end_block + 1).contains(&at)
             && raw == payload
         {
@@ -508,7 +658,8 @@ impl Engine {
             );
             return End::Succeeded;
         }
-        self.commit_in_phase(progress, info, &payload).await
+        self.commit_in_phase(progress, info, &payload, prior_err)
+            .await
     }
 
     // ---------------------------------------------------------------- SUBMIT
@@ -530,6 +681,7 @@ impl Engine {
             r.model_hash = hex.clone();
             r.global_ver = Some(global_ver);
         }
+        note_hash(&hex);
         let (prev, whitelist) = match self.previous_and_whitelist().await {
             Ok(x) => x,
             Err(e) => return End::Failed(e),

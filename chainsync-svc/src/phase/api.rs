@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::schedule::{NextPhases, PhaseInfo, PreviousPhases};
 use crate::transport::http_client;
@@ -97,14 +98,21 @@ impl OwnerApi {
         deadline: Option<Instant>,
     ) -> Result<T, PhaseApiError> {
         let url = format!("{}{}", self.base_url, route);
-        let outcome = retry(&self.policy, deadline, |_attempt, timeout: Duration| {
+        let outcome = retry(&self.policy, deadline, |attempt, timeout: Duration| {
             let req = self.client.get(&url).timeout(timeout);
-            async move {
+            // Inside a job the request is a child span of it; the scheduler's polls are not traced.
+            let span = if tracing::Span::current().is_none() {
+                tracing::Span::none()
+            } else {
+                crate::transport::http_span("GET", route, &url, attempt)
+            };
+            let attempt = async move {
                 let resp = req
                     .send()
                     .await
                     .map_err(|e| AttemptError::Retryable(Failure::Io(e.to_string())))?;
                 let status = resp.status().as_u16();
+                tracing::Span::current().record("http.response.status_code", status);
                 if status >= 400 {
                     return Err(if is_non_retryable(status) {
                         AttemptError::Fatal(Failure::Status(status))
@@ -118,7 +126,13 @@ impl OwnerApi {
                     .map_err(|e| AttemptError::Retryable(Failure::Io(e.to_string())))?;
                 serde_json::from_slice::<T>(&body)
                     .map_err(|e| AttemptError::Fatal(Failure::Shape(e.to_string())))
+            };
+            async move {
+                let r = attempt.await;
+                crate::transport::record_attempt(&r);
+                r
             }
+            .instrument(span)
         })
         .await;
         outcome.map_err(|e| match e {

@@ -18,6 +18,29 @@ pub use retry::{Backoff, NON_RETRYABLE_STATUSES, RetryPolicy, is_non_retryable};
 pub use submit::{Submission, SubmitReceipt, submit_checkpoint};
 pub use verify::{VerifyError, verify_checkpoint_file};
 
+/// A client span for one HTTP request (attempt `attempt` of a call), named `METHOD route`; a
+/// child of the current span (a job's). The caller records `http.response.status_code` and,
+/// on failure, `error` (see [`record_attempt`]).
+pub fn http_span(method: &'static str, route: &str, url: &str, attempt: u32) -> tracing::Span {
+    tracing::info_span!(
+        "http request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "client",
+        http.request.method = method,
+        url.full = %url,
+        attempt,
+        http.response.status_code = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
+}
+
+/// Records an attempt's failure on the current span.
+pub(crate) fn record_attempt<T, E: std::fmt::Display>(r: &Result<T, retry::AttemptError<E>>) {
+    if let Err(retry::AttemptError::Fatal(e) | retry::AttemptError::Retryable(e)) = r {
+        tracing::Span::current().record("error", tracing::field::display(e));
+    }
+}
+
 /// The crate's HTTP client (rustls with the `ring` provider, no proxies from the environment).
 pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     // Installing twice is harmless: the first provider stays.

@@ -9,6 +9,7 @@ use miner_contract::layout::model_file_name;
 use miner_keys::Hotkey;
 use reqwest::multipart::{Form, Part};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::download::error_chain;
 use super::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
@@ -72,7 +73,8 @@ pub async fn submit_checkpoint(
         attempts = attempt;
         let fields = fields.clone();
         let (url, file_name, p) = (url.clone(), file_name.clone(), p.clone());
-        async move {
+        let span = super::http_span("POST", "/submit-checkpoint", &url, attempt);
+        let attempt = async move {
             let local = |e: std::io::Error| {
                 AttemptError::Fatal(TransportError::Local {
                     peer: p.clone(),
@@ -118,6 +120,7 @@ pub async fn submit_checkpoint(
                     })
                 })?;
             let status = resp.status().as_u16();
+            tracing::Span::current().record("http.response.status_code", status);
             let body = resp.bytes().await.map_err(|e| {
                 AttemptError::Retryable(TransportError::Network {
                     peer: p.clone(),
@@ -142,7 +145,13 @@ pub async fn submit_checkpoint(
                     reason: format!("2xx without a JSON body: {e}"),
                 })
             })
+        };
+        async move {
+            let r = attempt.await;
+            super::record_attempt(&r);
+            r
         }
+        .instrument(span)
     })
     .await;
     match outcome {

@@ -1,12 +1,12 @@
-//! Validation of a downloaded validator checkpoint (spec §7.7), in one pass over the file:
-//! every tensor is read once, checked (routed expert of our group, finite) and fed to the
-//! model hasher in sorted-name order.
+//! Validation of a downloaded validator checkpoint (spec §7.7): every tensor is read once,
+//! checked (routed expert of our group, finite) and fed to the model hasher in sorted-name
+//! order, by a [`PtFollower`] that can run while the file is still arriving.
 
 use std::path::Path;
 
 use miner_contract::ExpertGroup;
-use miner_contract::hash::{ModelHash, ModelHasher};
-use miner_contract::pt::{DType, PtError, PtLayout, PtReader};
+use miner_contract::hash::ModelHash;
+use miner_contract::pt::{DType, FollowCheck, Followed, PtError, PtFollower, PtLayout, TensorMeta};
 
 /// Why a checkpoint is refused.
 #[derive(Debug, thiserror::Error)]
@@ -53,70 +53,189 @@ pub fn verify_hash_signature(
     }
 }
 
+/// Whether any `W`-byte little-endian element of `data` has all the bits of `mask` set (an
+/// exponent of all ones: Inf or NaN). Branch-free inside blocks so the compiler vectorizes it;
+/// stops at the first block with a hit.
+fn any_exponent_all_ones<const W: usize>(data: &[u8], mask: u64) -> bool {
+    const BLOCK: usize = 4096;
+    data.chunks(BLOCK).any(|block| {
+        block.chunks_exact(W).fold(false, |hit, c| {
+            let mut b = [0u8; 8];
+            b[..W].copy_from_slice(c);
+            hit | (u64::from_le_bytes(b) & mask == mask)
+        })
+    })
+}
+
 fn all_finite(dtype: DType, data: &[u8]) -> bool {
     match dtype {
-        // Exponent bits all ones = Inf/NaN.
-        DType::F16 => data
-            .chunks_exact(2)
-            .all(|c| (u16::from_le_bytes([c[0], c[1]]) & 0x7C00) != 0x7C00),
-        DType::BF16 => data
-            .chunks_exact(2)
-            .all(|c| (u16::from_le_bytes([c[0], c[1]]) & 0x7F80) != 0x7F80),
-        DType::F32 => data
-            .chunks_exact(4)
-            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-        DType::F64 => data.chunks_exact(8).all(|c| {
-            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite()
-        }),
+        DType::F16 => !any_exponent_all_ones::<2>(data, 0x7C00),
+        DType::BF16 => !any_exponent_all_ones::<2>(data, 0x7F80),
+        DType::F32 => !any_exponent_all_ones::<4>(data, 0x7F80_0000),
+        DType::F64 => !any_exponent_all_ones::<8>(data, 0x7FF0_0000_0000_0000),
         _ => true,
     }
 }
 
-/// Checks a `model_expgroup_<gid>.pt` file against the committed hash: `{"model_state_dict"}`
-/// layout, at least one tensor, every key a routed expert of `group`, all values finite, and
-/// the model hash (§7.5) equal to `expected_hex`. Returns the hash.
+/// The checks of §7.7 that look at the file's content: `{"model_state_dict"}` layout, at least
+/// one tensor, every key a routed expert of the group (all before any data), all values finite.
+pub struct GroupCheck {
+    group: ExpertGroup,
+}
+
+impl GroupCheck {
+    pub fn new(group: ExpertGroup) -> Self {
+        GroupCheck { group }
+    }
+}
+
+impl FollowCheck for GroupCheck {
+    type Error = VerifyError;
+
+    fn entries(&mut self, layout: PtLayout, entries: &[TensorMeta]) -> Result<(), VerifyError> {
+        if layout != PtLayout::ModelStateDict {
+            return Err(VerifyError::NotModelStateDict);
+        }
+        if entries.is_empty() {
+            return Err(VerifyError::Empty);
+        }
+        // Key check first: it needs no tensor data, so a foreign file is refused cheaply.
+        if let Some(m) = entries.iter().find(|m| !self.group.is_group_key(&m.name)) {
+            return Err(VerifyError::ForeignKey {
+                name: m.name.clone(),
+                group: self.group.group_id,
+            });
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, meta: &TensorMeta, le_bytes: &[u8]) -> Result<(), VerifyError> {
+        if all_finite(meta.dtype, le_bytes) {
+            Ok(())
+        } else {
+            Err(VerifyError::NonFinite {
+                name: meta.name.clone(),
+            })
+        }
+    }
+}
+
+/// The committed hash as a [`ModelHash`].
+pub fn parse_committed_hash(expected_hex: &str) -> Result<ModelHash, VerifyError> {
+    expected_hex
+        .parse()
+        .map_err(|_| VerifyError::BadCommittedHash(expected_hex.to_owned()))
+}
+
+/// The end of a verification: the file's hash must be the committed one.
+pub fn check_hash(followed: &Followed, expected: &ModelHash) -> Result<ModelHash, VerifyError> {
+    if followed.hash != *expected {
+        return Err(VerifyError::HashMismatch {
+            expected: expected.to_hex(),
+            actual: followed.hash.to_hex(),
+        });
+    }
+    Ok(followed.hash)
+}
+
+/// Checks a whole `model_expgroup_<gid>.pt` file against the committed hash ([`GroupCheck`],
+/// then the model hash (§7.5) equal to `expected_hex`). Returns the hash. A download runs the
+/// same checks while the file arrives (see [`super::download`]).
 pub fn verify_checkpoint_file(
     path: &Path,
     expected_hex: &str,
     group: &ExpertGroup,
 ) -> Result<ModelHash, VerifyError> {
-    let expected: ModelHash = expected_hex
-        .parse()
-        .map_err(|_| VerifyError::BadCommittedHash(expected_hex.to_owned()))?;
-    let reader = PtReader::open(path)?;
-    if reader.layout() != PtLayout::ModelStateDict {
-        return Err(VerifyError::NotModelStateDict);
-    }
-    if reader.entries().is_empty() {
-        return Err(VerifyError::Empty);
-    }
-    // Key check first: it needs no tensor data, so a foreign file is refused cheaply.
-    if let Some(m) = reader
-        .entries()
-        .iter()
-        .find(|m| !group.is_group_key(&m.name))
-    {
-        return Err(VerifyError::ForeignKey {
-            name: m.name.clone(),
-            group: group.group_id,
-        });
-    }
-    let mut hasher = ModelHasher::new();
-    for meta in reader.entries() {
-        let t = reader.read(&meta.name)?;
-        if !all_finite(t.dtype, &t.data) {
-            return Err(VerifyError::NonFinite {
-                name: meta.name.clone(),
-            });
+    let expected = parse_committed_hash(expected_hex)?;
+    let len = std::fs::metadata(path)
+        .map_err(|e| PtError::Io {
+            path: path.to_path_buf(),
+            op: "stat".into(),
+            source: e,
+        })?
+        .len();
+    let follower = PtFollower::new(path, GroupCheck::new(group.clone()))?;
+    check_hash(&follower.finish(len)?, &expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The obvious definition, element by element.
+    fn reference(dtype: DType, data: &[u8]) -> bool {
+        match dtype {
+            DType::F16 => data
+                .chunks_exact(2)
+                .all(|c| (u16::from_le_bytes([c[0], c[1]]) & 0x7C00) != 0x7C00),
+            DType::BF16 => data
+                .chunks_exact(2)
+                .all(|c| (u16::from_le_bytes([c[0], c[1]]) & 0x7F80) != 0x7F80),
+            DType::F32 => data
+                .chunks_exact(4)
+                .all(|c| f32::from_le_bytes(c.try_into().unwrap()).is_finite()),
+            DType::F64 => data
+                .chunks_exact(8)
+                .all(|c| f64::from_le_bytes(c.try_into().unwrap()).is_finite()),
+            _ => true,
         }
-        hasher.update_tensor(&meta.name, &t.data);
     }
-    let actual = hasher.finalize();
-    if actual != expected {
-        return Err(VerifyError::HashMismatch {
-            expected: expected.to_hex(),
-            actual: actual.to_hex(),
-        });
+
+    #[test]
+    fn finiteness_matches_the_element_by_element_definition() {
+        let specials: [(DType, Vec<Vec<u8>>); 4] = [
+            (
+                DType::F16,
+                [0x7C00u16, 0xFC00, 0x7E00, 0x7BFF, 0x0001, 0x8000]
+                    .iter()
+                    .map(|v| v.to_le_bytes().to_vec())
+                    .collect(),
+            ),
+            (
+                DType::BF16,
+                [0x7F80u16, 0xFF80, 0x7FC0, 0x7F7F, 0x0001]
+                    .iter()
+                    .map(|v| v.to_le_bytes().to_vec())
+                    .collect(),
+            ),
+            (
+                DType::F32,
+                [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 1e-45]
+                    .iter()
+                    .map(|v| v.to_le_bytes().to_vec())
+                    .collect(),
+            ),
+            (
+                DType::F64,
+                [f64::NAN, f64::INFINITY, f64::MAX, 5e-324]
+                    .iter()
+                    .map(|v| v.to_le_bytes().to_vec())
+                    .collect(),
+            ),
+        ];
+        for (dtype, values) in specials {
+            let es = dtype.elem_size();
+            // Each special value alone, and at every position of a longer buffer of ones.
+            for v in &values {
+                for len in [1usize, 7, 2048, 2049, 5000] {
+                    for pos in [0, len / 2, len - 1] {
+                        let mut data: Vec<u8> = (0..len)
+                            .flat_map(|_| match dtype {
+                                DType::F16 => 0x3C00u16.to_le_bytes().to_vec(),
+                                DType::BF16 => 0x3F80u16.to_le_bytes().to_vec(),
+                                DType::F32 => 1f32.to_le_bytes().to_vec(),
+                                _ => 1f64.to_le_bytes().to_vec(),
+                            })
+                            .collect();
+                        data[pos * es..(pos + 1) * es].copy_from_slice(v);
+                        assert_eq!(
+                            all_finite(dtype, &data),
+                            reference(dtype, &data),
+                            "{dtype} value {v:?} at {pos} of {len}"
+                        );
+                    }
+                }
+            }
+        }
     }
-    Ok(actual)
 }

@@ -17,7 +17,9 @@ pub mod telemetry;
 pub mod token;
 
 pub use endpoints::{Endpoints, EndpointsFile, pid_alive};
-pub use listen::{ListenPolicyError, TlsFiles, bind_service_listeners, check_listen};
+pub use listen::{
+    ListenPolicyError, TlsFiles, bind_service_listeners, check_listen, grpc_incoming,
+};
 pub use shutdown::{serve_with_grace, shutdown_on_signals, wait_for_signal};
 pub use telemetry::{
     LogFormat, TelemetryError, TelemetryGuard, TraceContextInterceptor, TraceContextLayer,

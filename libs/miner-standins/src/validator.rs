@@ -72,6 +72,13 @@ pub struct Faults {
     pub stall_after_bytes: Option<u64>,
     /// Download: send this many body bytes, then drop the connection.
     pub close_after_bytes: Option<u64>,
+    /// Download: serve this file instead of the configured `serve_file` (e.g. one with a
+    /// wrong hash, foreign keys or NaNs).
+    pub serve_file: Option<PathBuf>,
+    /// Submission only: answer the next `fail_submit_times` submissions with
+    /// `fail_submit_status` (after reading the upload), downloads unaffected.
+    pub fail_submit_times: u32,
+    pub fail_submit_status: u16,
 }
 
 /// One `GET /get-checkpoint` request.
@@ -286,7 +293,11 @@ async fn get_checkpoint(State(sh): State<Arc<Shared>>, body: Bytes) -> Response 
         record(403);
         return status(403, "target hotkey is not this validator");
     }
-    let Some(path) = sh.cfg.serve_file.clone() else {
+    let Some(path) = faults
+        .serve_file
+        .clone()
+        .or_else(|| sh.cfg.serve_file.clone())
+    else {
         record(503);
         return status(503, "no checkpoint available");
     };
@@ -453,9 +464,25 @@ impl Drop for TmpGuard {
     }
 }
 
+/// The submission-only "fail N times" knob: the injected failure, if one is due.
+fn submit_fault(sh: &Shared) -> Option<Response> {
+    let Ok(mut g) = sh.faults.lock() else {
+        return Some(status(500, "fault knobs poisoned"));
+    };
+    if g.fail_submit_times == 0 {
+        return None;
+    }
+    g.fail_submit_times -= 1;
+    Some(status(g.fail_submit_status, "injected submission failure"))
+}
+
 async fn submit_checkpoint(State(sh): State<Arc<Shared>>, mut mp: Multipart) -> Response {
     sh.submit_requests.fetch_add(1, Ordering::SeqCst);
-    if let Err(r) = gate(&sh).await {
+    let refused = match gate(&sh).await {
+        Ok(_) => submit_fault(&sh),
+        Err(r) => Some(r),
+    };
+    if let Some(r) = refused {
         // Like the reference's FastAPI route, whose form parameters are parsed before the handler
         // runs, read the whole body before refusing: answering mid-upload resets the connection
         // and the client would see a transport error instead of the status.

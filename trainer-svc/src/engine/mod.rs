@@ -97,6 +97,20 @@ fn batch_tensors(b: &TokenBatch, device: Device) -> (Tensor, Tensor) {
     (ids, labels)
 }
 
+/// Whether `e` comes from a full disk: the up-front free-space check, or ENOSPC / EDQUOT while
+/// writing.
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<miner_contract::PublishError>(),
+            Some(miner_contract::PublishError::InsufficientSpace { .. })
+        ) || c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == 28 || code == 122)
+    })
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -524,7 +538,24 @@ impl Trainer {
             self.csv.append(&self.status)?;
         }
         if n.is_multiple_of(self.s.checkpoint_interval) {
-            self.save_checkpoint()?;
+            match self.save_checkpoint() {
+                Ok(_) => {}
+                // A full disk is not a reason to throw away the weights in memory: the earlier
+                // checkpoints are intact (publishing is atomic), so keep training and try again
+                // at the next interval, with the error in the status until a save succeeds.
+                Err(e) if is_disk_full(&e) => {
+                    tracing::error!(
+                        error = %format!("{e:#}"),
+                        inner_opt_step = n,
+                        "checkpoint not saved: disk full; training continues, retrying at the next checkpoint interval"
+                    );
+                    self.status.error = format!(
+                        "checkpoint at step {n} not saved (disk full): {e:#}; retrying at the next interval"
+                    );
+                    self.status.state = TrainerState::Training;
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.publish_status();
         Ok(())
@@ -595,6 +626,7 @@ impl Trainer {
         }
         self.last_published = Some(published.name.clone());
         self.status.last_checkpoint = published.name.clone();
+        self.status.error.clear();
         self.status.state = prev;
         self.publish_status();
         Ok(published.name)

@@ -11,6 +11,7 @@
 //! **Invariant:** a file written here is published atomically: it is written to a hidden
 //! sibling, fsynced, then renamed onto the final path.
 
+mod follow;
 mod pickle;
 mod reader;
 mod writer;
@@ -19,6 +20,7 @@ mod zip;
 use std::fmt;
 use std::path::PathBuf;
 
+pub use follow::{FollowCheck, Followed, PtFollower};
 pub use reader::{PtLayout, PtReader, read_pt};
 pub use writer::{write_pt, write_pt_tensors};
 

@@ -45,7 +45,7 @@ pub struct PtReader {
     views: Vec<View>,
 }
 
-fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
+pub(super) fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
     if numel_of(shape) <= 1 {
         return true;
     }
@@ -257,6 +257,21 @@ impl PtReader {
         Ok(hasher.finalize())
     }
 
+    /// For each tensor (in [`PtReader::entries`] order): the absolute file offset of its first
+    /// element and whether its view is contiguous (to cross-check a streamed parse).
+    pub(crate) fn data_starts(&self) -> Vec<(u64, bool)> {
+        self.entries
+            .iter()
+            .zip(&self.views)
+            .map(|(m, v)| {
+                (
+                    v.record_start + v.offset * m.dtype.elem_size() as u64,
+                    v.contiguous,
+                )
+            })
+            .collect()
+    }
+
     /// Reads every tensor.
     pub fn read_all(&self) -> Result<BTreeMap<String, Tensor>, PtError> {
         (0..self.entries.len())
@@ -297,7 +312,9 @@ fn check_bounds(t: &TensorRef, dtype: DType, record_len: u64) -> Result<(), Stri
 }
 
 /// The state dict inside an unpickled checkpoint, sorted by name (a repeated key: last wins).
-fn state_dict_of(v: &Value) -> Result<(PtLayout, BTreeMap<String, Rc<TensorRef>>), String> {
+pub(super) fn state_dict_of(
+    v: &Value,
+) -> Result<(PtLayout, BTreeMap<String, Rc<TensorRef>>), String> {
     let Value::Dict(top) = v else {
         return Err(format!("top-level object is a {}, not a dict", v.kind()));
     };
