@@ -7,11 +7,8 @@ use std::process::Command;
 use miner_contract::MinerConfig;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Never the same port twice in this process (consecutive bind(0)s can repeat one).
+    miner_devnet::free_port().expect("free port")
 }
 
 fn example_wallet() -> std::path::PathBuf {

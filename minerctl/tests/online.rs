@@ -535,12 +535,12 @@ fn rotel_agent() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free loopback ports (all bound at once, so the kernel cannot repeat one).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// Spans from rotel's detailed debug log: (service.name, trace id, span id, parent id, name).
@@ -577,8 +577,7 @@ fn parse_rotel_debug(log: &str) -> Vec<SpanRow> {
 #[test]
 fn a_real_rotel_collector_receives_one_trace_linking_minerctl_stop_and_the_trainer() {
     let tmp = tempfile::tempdir().unwrap();
-    let grpc = free_port();
-    let http = free_port();
+    let [grpc, http] = free_ports();
     let debug = tmp.path().join("rotel.out");
     let mut rotel = KillOnDrop(
         Command::new(rotel_agent())

@@ -9,12 +9,13 @@
 //! **Invariant:** the chopsticks process never outlives the test process: `Drop` kills it, and a small
 //! watchdog shell kills it when the process that started it is gone (a `static` is never dropped).
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,10 +66,27 @@ pub fn kit_dir() -> Result<PathBuf, DevnetError> {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, and that this process has not handed out
+/// before: the kernel may give a just-released port to the next `bind(0)`, so two calls in a row
+/// (a service's gRPC and metrics ports) could otherwise return the same port.
 pub fn free_port() -> Result<u16, DevnetError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
-    Ok(l.local_addr().map_err(io("read the free port"))?.port())
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    // Ports already handed out stay bound until one is found, so the kernel offers others.
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
+        let port = l.local_addr().map_err(io("read the free port"))?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+        held.push(l);
+    }
+    Err(DevnetError::Command {
+        what: "find a free port".to_owned(),
+        detail: "256 binds returned ports already handed out".to_owned(),
+    })
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String, DevnetError> {
@@ -496,6 +514,15 @@ pub fn shared() -> &'static Devnet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        // A service's gRPC and metrics ports come from consecutive calls; a repeat made
+        // trainer-svc fail with "Address already in use".
+        let ports: Vec<u16> = (0..500).map(|_| free_port().unwrap()).collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 
     #[test]
     fn storage_prefix_hash_matches_substrate() {
