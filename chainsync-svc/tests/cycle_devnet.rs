@@ -10,142 +10,30 @@
 //! commits MinerCommit1/2 of its own checkpoint, and submits it to its assigned validator. Then
 //! Stop (control token), clean exit, pins released.
 
-use std::collections::BTreeMap;
+mod cycle_support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chainsync_svc::chain::{ChainClient, Endpoint};
-use chainsync_svc::config::{Cli, LogFormat, Settings};
+use chainsync_svc::config::{Cli, Settings};
 use chainsync_svc::jobs::Policies;
 use chainsync_svc::phase::{CyclePeriods, PhaseName, PhaseSchedule, PhaseSourceKind};
-use chainsync_svc::service::{Listeners, Overrides, run_with};
-use chainsync_svc::transport::{Backoff, RetryPolicy};
-use miner_contract::pt::{DType, Tensor};
-use miner_contract::{ExpertGroup, MinerConfig, PublishInfo, RunDir};
+use miner_contract::{MinerConfig, RunDir};
 use miner_devnet::Devnet;
 use miner_keys::Hotkey;
 use miner_proto::chainsync::v1 as pb;
 use miner_proto::chainsync::v1::chain_sync_client::ChainSyncClient;
-use miner_standins::{
-    ChainCheckpointView, Faults, OwnerSchedule, PhaseApiStandIn, ValidatorStandIn,
-    ValidatorStandInConfig,
-};
+use miner_standins::{ChainCheckpointView, Faults, ValidatorStandInConfig};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
-const NETUID: u16 = 102;
-const BOB: &str = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty";
+use cycle_support::*;
 
 /// Tests that commit with the miner's key (uid 0) run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// 4+2+4+4+3+1+1+4+4 = 27 blocks per cycle.
-fn periods() -> CyclePeriods {
-    CyclePeriods {
-        distribute_period: 4,
-        train_period: 2,
-        commit_period: 4,
-        submission_period: 3,
-        validate_period: 1,
-        merge_period: 1,
-    }
-}
-
-fn owner_schedule() -> OwnerSchedule {
-    let p = periods();
-    OwnerSchedule::new(&[
-        ("Distribute", p.distribute_period),
-        ("Train", p.train_period),
-        ("MinerCommit1", p.commit_period),
-        ("MinerCommit2", p.commit_period),
-        ("Submission", p.submission_period),
-        ("Validate", p.validate_period),
-        ("Merge", p.merge_period),
-        ("ValidatorCommit1", p.commit_period),
-        ("ValidatorCommit2", p.commit_period),
-    ])
-}
-
-fn f16_tensor(rows: usize, cols: usize, seed: u16) -> Tensor {
-    let mut data = Vec::with_capacity(rows * cols * 2);
-    for i in 0..rows * cols {
-        let v: u16 = 0x3000 | ((i as u16).wrapping_mul(31).wrapping_add(seed) & 0x03FF);
-        data.extend_from_slice(&v.to_le_bytes());
-    }
-    Tensor {
-        dtype: DType::F16,
-        shape: vec![rows, cols],
-        data,
-    }
-}
-
-/// A real shard of routed experts of exp_math's layer 1.
-fn shard(seed: u16) -> BTreeMap<String, Tensor> {
-    let mut m = BTreeMap::new();
-    for (k, e) in [22, 17, 44].into_iter().enumerate() {
-        m.insert(
-            format!("model.layers.1.mlp.experts.{e}.gate_up_proj"),
-            f16_tensor(32, 64, seed + k as u16),
-        );
-        m.insert(
-            format!("model.layers.1.mlp.experts.{e}.down_proj"),
-            f16_tensor(64, 16, seed + 7 + k as u16),
-        );
-    }
-    m
-}
-
-fn sign_hex(key: &Hotkey, hex: &str) -> String {
-    miner_keys::b64url_nopad_encode(&key.sign(hex.as_bytes()))
-}
-
-/// Builds one block every `every` and mirrors the head into an atomic (for the stand-ins).
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    /// While set, no blocks are requested (transactions still build theirs).
-    paused: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn start(port: u16, head: Arc<AtomicU64>, every: Duration) -> Ticker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let paused = Arc::new(AtomicBool::new(false));
-        let (s, pa) = (stop.clone(), paused.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                if !pa.load(Ordering::SeqCst) {
-                    let _ = miner_devnet::rpc_call(port, "dev_newBlock", json!([{"count": 1}]));
-                }
-                if let Ok(h) = miner_devnet::rpc_call(port, "chain_getHeader", json!([]))
-                    && let Some(n) = h.get("number").and_then(|n| n.as_str())
-                    && let Ok(n) = u64::from_str_radix(n.trim_start_matches("0x"), 16)
-                {
-                    head.store(n, Ordering::SeqCst);
-                }
-                std::thread::sleep(every.saturating_sub(t.elapsed()));
-            }
-        });
-        Ticker {
-            stop,
-            paused,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -156,36 +44,6 @@ async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Waits until the head is inside `phase` with at least `min_left` blocks of it remaining; returns (start, end).
-async fn wait_for_phase(
-    head: &AtomicU64,
-    sched: &PhaseSchedule,
-    phase: PhaseName,
-    min_left: u64,
-) -> (u64, u64) {
-    let start = Instant::now();
-    loop {
-        let info = sched.phase_at(head.load(Ordering::SeqCst));
-        if info.phase_name == phase && info.blocks_remaining_in_phase >= min_left {
-            return (info.phase_start_block, info.phase_end_block);
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {}",
-            phase.as_str()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn seed_axon(d: &Devnet, hotkey: &str, port: u16) {
-    d.set_storage(json!({"SubtensorModule": {"Axons": [[[NETUID, hotkey], {
-        "block": 1, "version": 1, "ip": "2130706433", "port": port,
-        "ipType": 4, "protocol": 4, "placeholder1": "0x00", "placeholder2": "0x00"
-    }]]}}))
-    .expect("seed Bob's axon");
 }
 
 async fn our_commitment(c: &ChainClient, who: &str, block: u64) -> Option<String> {
@@ -202,16 +60,6 @@ fn job(jobs: &[pb::Job], kind: pb::JobKind, cycle: u64) -> Option<&pb::Job> {
         .find(|j| j.kind == kind as i32 && j.cycle_index == cycle)
 }
 
-fn final_outcome(j: Option<&pb::Job>) -> bool {
-    j.is_some_and(|j| j.outcome != pb::JobOutcome::Running as i32)
-}
-
-fn wallet_dir() -> PathBuf {
-    miner_devnet::kit_dir()
-        .expect("shared/devnet")
-        .join("data/example_wallet")
-}
-
 fn listdir(p: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(p)
         .map(|rd| {
@@ -224,32 +72,25 @@ fn listdir(p: &Path) -> Vec<String> {
     v
 }
 
-fn start_validator(
-    key_uri: &str,
-    serve: &Path,
-    dir: &Path,
-    head: &Arc<AtomicU64>,
-    lookup: &Arc<Mutex<Option<ChainCheckpointView>>>,
-    group: &ExpertGroup,
-) -> impl std::future::Future<Output = ValidatorStandIn> {
-    let h = head.clone();
-    let lookup = lookup.clone();
-    let cfg = ValidatorStandInConfig {
-        hotkey: Hotkey::from_uri(key_uri).unwrap(),
-        serve_file: Some(serve.to_path_buf()),
-        submission_dir: dir.to_path_buf(),
-        max_submission_bytes: 1 << 30,
-        block: Arc::new(move || h.load(Ordering::SeqCst)),
-        schedule: owner_schedule(),
-        check_phase: true,
-        assignment: None,
-        chain_checkpoint: Arc::new(move |_who: &str| lookup.lock().ok()?.clone()),
-        expert_group: Some(group.clone()),
-    };
-    async move {
-        ValidatorStandIn::start(cfg)
-            .await
-            .expect("validator stand-in")
+/// 1+1+4+4+1+1+1+4+4 = 21 blocks per cycle.
+fn periods_21() -> CyclePeriods {
+    CyclePeriods {
+        distribute_period: 1,
+        train_period: 1,
+        commit_period: 4,
+        submission_period: 1,
+        validate_period: 1,
+        merge_period: 1,
+    }
+}
+
+/// `chainsync-svc`'s flags for the local phase source, `--path` the run directory itself.
+fn local_cli(run_dir: &Path) -> Cli {
+    Cli {
+        path: run_dir.to_path_buf(),
+        phase_source: PhaseSourceKind::Local,
+        owner_url: None,
+        ..owner_api_cli(run_dir, String::new())
     }
 }
 
@@ -273,27 +114,12 @@ async fn full_cycle(source: PhaseSourceKind) {
         .with_test_writer()
         .try_init();
     let t0 = Instant::now();
-    let d: &'static Devnet = tokio::task::spawn_blocking(miner_devnet::shared)
-        .await
-        .expect("devnet");
-    let sched = PhaseSchedule::new(periods()).unwrap();
+    // The blocks before the first ValidatorCommit1 in one burst; validators pass the role gate
+    // (updated within 448 blocks).
+    let bed = Devbed::start(Duration::from_millis(300)).await;
+    let (d, sched, head, chain) = (bed.d, &bed.sched, &bed.head, &bed.chain);
     let l = sched.cycle_length();
-    // Build the blocks before the first ValidatorCommit1 in one burst.
-    let h0 = d.head().expect("head");
-    let vc1_first = (h0 / l) * l + sched.phase_offset(PhaseName::ValidatorCommit1);
-    let target = if vc1_first > h0 {
-        vc1_first
-    } else {
-        vc1_first + l
-    };
-    if target > h0 + 1 {
-        d.new_blocks(u32::try_from(target - h0 - 1).unwrap())
-            .expect("burst");
-    }
-    eprintln!("[{:?}] devnet at head {}", t0.elapsed(), d.head().unwrap());
-    let head = Arc::new(AtomicU64::new(d.head().expect("head")));
-    let _ticker = Ticker::start(d.port(), head.clone(), Duration::from_millis(300));
-    let group = ExpertGroup::builtin("exp_math").unwrap();
+    eprintln!("[{:?}] devnet at head {}", t0.elapsed(), bed.head_now());
     let tmp = tempfile::tempdir().unwrap();
 
     // Keys: our miner is uid 0 (example wallet miners/miner_1); validators are uid 1 (//Bob)
@@ -302,12 +128,8 @@ async fn full_cycle(source: PhaseSourceKind) {
     let bob = Hotkey::from_uri("//Bob").unwrap();
     let charlie = Hotkey::from_uri("//Charlie").unwrap();
     assert_eq!(bob.ss58(), BOB);
-    // Validators must pass the role gate (updated within 448 blocks); Charlie pays fees.
-    let now = head.load(Ordering::SeqCst);
-    d.set_storage(json!({"SubtensorModule": {"LastUpdate": [[[NETUID], [now, now, now]]]}}))
-        .expect("seed LastUpdate");
-    d.set_storage(json!({"System": {"Account": [[[charlie.ss58()], {"providers": 1, "data": {"free": "1000000000000"}}]]}}))
-        .expect("fund Charlie");
+    // Charlie pays fees.
+    fund(d, charlie.ss58());
 
     // The baseline, and a different file with the same tensor names (the "wrong-hash" server).
     let vfile = tmp.path().join("validator_model.pt");
@@ -319,44 +141,24 @@ async fn full_cycle(source: PhaseSourceKind) {
 
     // Our run directory: config + one own checkpoint (trained from the version before the baseline).
     let run_dir = tmp.path().join("run");
-    let run = RunDir::create(&run_dir).unwrap();
-    let mut cfg = MinerConfig::new_run("miners", "miner_1", "cycletest");
     let p = periods();
-    cfg.cycle.distribute_period = p.distribute_period;
-    cfg.cycle.train_period = p.train_period;
-    cfg.cycle.commit_period = p.commit_period;
-    cfg.cycle.submission_period = p.submission_period;
-    cfg.cycle.validate_period = p.validate_period;
-    cfg.cycle.merge_period = p.merge_period;
-    cfg.chain.network = d.ws_url();
-    cfg.write(&run_dir).unwrap();
+    let run = create_run(&run_dir, d.ws_url(), "cycletest", &p);
 
-    let h2 = head.clone();
-    let phase_api = PhaseApiStandIn::start(
-        owner_schedule(),
-        Arc::new(move || h2.load(Ordering::SeqCst)),
-        vec![BOB.to_owned(), charlie.ss58().to_owned()],
-    )
-    .await
-    .unwrap();
-    let chain = ChainClient::connect(&Endpoint::Url(d.ws_url()))
-        .await
-        .unwrap()
-        .with_tx_timeout(Duration::from_secs(30));
+    let phase_api = phase_api(head, vec![BOB.to_owned(), charlie.ss58().to_owned()]).await;
 
     // Cycle k: both validators commit the baseline. Its version is the MinerCommit1 start of cycle k.
-    let (vc1_start, vc1_end) = wait_for_phase(&head, &sched, PhaseName::ValidatorCommit1, 2).await;
+    let (vc1_start, vc1_end) = bed.wait_for_phase(PhaseName::ValidatorCommit1, 2).await;
     eprintln!(
         "[{:?}] VC1 of cycle {} at head {}",
         t0.elapsed(),
         vc1_start / l,
-        head.load(Ordering::SeqCst)
+        bed.head_now()
     );
     let k = vc1_start / l;
     let v_base = k * l + sched.phase_offset(PhaseName::MinerCommit1);
     let own_gv = v_base - 1;
-    let vc1_bob = format!(r#"{{"m":"{}"}}"#, sign_hex(&bob, &vhash));
-    let vc1_charlie = format!(r#"{{"m":"{}"}}"#, sign_hex(&charlie, &vhash));
+    let vc1_bob = vc1_text(&bob, &vhash);
+    let vc1_charlie = vc1_text(&charlie, &vhash);
     let (r1, r2) = tokio::join!(
         chain.set_commitment(&bob, NETUID, vc1_bob.as_bytes()),
         chain.set_commitment(&charlie, NETUID, vc1_charlie.as_bytes())
@@ -378,38 +180,24 @@ async fn full_cycle(source: PhaseSourceKind) {
     assert_eq!(order.len(), 2, "{order:?}");
     let uri = |ss58: &str| if ss58 == BOB { "//Bob" } else { "//Charlie" };
     let (first, second) = (order[0].clone(), order[1].clone());
-    let own_hash = {
-        let staged = run.stage_own(own_gv, 5).unwrap();
-        let h = staged
-            .write_model_tensors(group.group_id, &shard(7))
-            .unwrap();
-        staged.publish(PublishInfo::own(group.group_id, h)).unwrap();
-        h.to_hex()
-    };
+    let own_hash = publish_own(&run, own_gv, 5, 7);
     let lookup: Arc<Mutex<Option<ChainCheckpointView>>> =
         Arc::new(Mutex::new(Some(ChainCheckpointView {
             signed_model_hash: sign_hex(&miner, &own_hash),
             model_hash: own_hash.clone(),
             expert_group: 0,
         })));
-    let wrong_server = start_validator(
-        uri(&first),
-        &wrong,
-        &tmp.path().join("sub_a"),
-        &head,
-        &lookup,
-        &group,
-    )
-    .await;
-    let good_server = start_validator(
-        uri(&second),
-        &vfile,
-        &tmp.path().join("sub_b"),
-        &head,
-        &lookup,
-        &group,
-    )
-    .await;
+    // The validators check the phase of each request and look our checkpoint up.
+    let validator = |key_uri: &str, serve: &Path, dir: &Path| {
+        let lookup = lookup.clone();
+        start_validator(ValidatorStandInConfig {
+            check_phase: true,
+            chain_checkpoint: Arc::new(move |_who: &str| lookup.lock().ok()?.clone()),
+            ..validator_config(key_uri, serve, dir, head)
+        })
+    };
+    let wrong_server = validator(uri(&first), &wrong, &tmp.path().join("sub_a")).await;
+    let good_server = validator(uri(&second), &vfile, &tmp.path().join("sub_b")).await;
     seed_axon(d, &first, wrong_server.port());
     seed_axon(d, &second, good_server.port());
     // The good validator first answers 503, then serves.
@@ -419,8 +207,8 @@ async fn full_cycle(source: PhaseSourceKind) {
         ..Default::default()
     });
 
-    wait_for_phase(&head, &sched, PhaseName::ValidatorCommit2, 1).await;
-    let vc2 = format!(r#"{{"h":"{vhash}","v":{v_base},"e":0}}"#);
+    bed.wait_for_phase(PhaseName::ValidatorCommit2, 1).await;
+    let vc2 = vc2_text(&vhash, v_base);
     let (r1, r2) = tokio::join!(
         chain.set_commitment(&bob, NETUID, vc2.as_bytes()),
         chain.set_commitment(&charlie, NETUID, vc2.as_bytes())
@@ -430,100 +218,43 @@ async fn full_cycle(source: PhaseSourceKind) {
 
     // Start the daemon before cycle k+1.
     let cli = Cli {
-        path: run_dir.join("config.yaml"),
-        wallet_path: wallet_dir(),
-        password_env: None,
-        network: None,
         phase_source: source,
-        owner_url: Some(phase_api.url()),
         validator_whitelist: if source == PhaseSourceKind::Local {
             vec![BOB.to_owned(), charlie.ss58().to_owned()]
         } else {
             Vec::new()
         },
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        log_format: LogFormat::Text,
-        otlp_endpoint: None,
-        tls_cert: None,
-        tls_key: None,
-        submit_retry_backoff_ms: None,
-        download_retry_backoff_ms: None,
-        block_time_ms: None,
+        ..owner_api_cli(&run_dir, phase_api.url())
     };
-    let mut settings = Settings::from_cli(&cli).expect("settings");
-    settings.timing.poll = Duration::from_millis(100);
-    settings.timing.block_time = Duration::from_millis(1000);
-    let fast = RetryPolicy {
-        attempt_timeout: Duration::from_secs(5),
-        retries: 2,
-        backoff: Backoff::Fixed(Duration::from_millis(200)),
-    };
+    let fast = retry_policy(Duration::from_secs(5), 2, Duration::from_millis(200));
     let policies = Policies {
         download: fast,
         submit: fast,
         commit_attempts: 3,
     };
-    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc_l.local_addr().unwrap();
-    let metrics_addr = metrics_l.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let daemon = tokio::spawn(run_with(
-        settings,
-        Listeners {
-            grpc: grpc_l,
-            metrics: Some(metrics_l),
-        },
-        shutdown.clone(),
-        Overrides {
-            policies: Some(policies),
-        },
-    ));
-    let mut client = {
-        let start = Instant::now();
-        loop {
-            match ChainSyncClient::connect(format!("http://{grpc_addr}")).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(
-                        start.elapsed() < Duration::from_secs(20),
-                        "gRPC never came up: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    };
+    let daemon = Daemon::start_with(&cli, Some(policies), true).await;
+    let (grpc_addr, metrics_addr) = (daemon.grpc_addr, daemon.metrics_addr.expect("metrics"));
+    let mut client = daemon.client().await;
     eprintln!(
         "[{:?}] daemon started at head {}",
         t0.elapsed(),
-        head.load(Ordering::SeqCst)
+        bed.head_now()
     );
 
     // Cycle k+1 runs: wait for its SUBMIT job to end.
     let c1 = k + 1;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let jobs = loop {
-        let jobs = client
-            .get_jobs(pb::GetJobsRequest { limit: 0 })
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs;
-        if final_outcome(job(&jobs, pb::JobKind::Submit, c1)) {
-            break jobs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cycle {c1} did not finish: {jobs:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    wait_job(
+        &mut client,
+        pb::JobKind::Submit,
+        c1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let jobs = jobs_of(&mut client).await;
     eprintln!(
         "[{:?}] cycle {c1} done at head {}",
         t0.elapsed(),
-        head.load(Ordering::SeqCst)
+        bed.head_now()
     );
     for kind in [
         pb::JobKind::Download,
@@ -570,7 +301,7 @@ async fn full_cycle(source: PhaseSourceKind) {
     // COMMIT1 / COMMIT2: on chain where validators read them, in the exact formats.
     let mc1_end = c1 * l + sched.phase_offset(PhaseName::MinerCommit1) + p.commit_period - 1;
     let mc2_end = mc1_end + p.commit_period;
-    let m = our_commitment(&chain, miner.ss58(), mc1_end + 1)
+    let m = our_commitment(chain, miner.ss58(), mc1_end + 1)
         .await
         .expect("commit 1 on chain");
     assert_eq!(m.len(), 94, "{m}");
@@ -585,7 +316,7 @@ async fn full_cycle(source: PhaseSourceKind) {
         miner_keys::verify(&miner.public(), own_hash.as_bytes(), &sig_bytes),
         "commit-1 signs the hash"
     );
-    let h = our_commitment(&chain, miner.ss58(), mc2_end + 1)
+    let h = our_commitment(chain, miner.ss58(), mc2_end + 1)
         .await
         .expect("commit 2 on chain");
     assert_eq!(h, format!(r#"{{"e":0,"h":"{own_hash}","v":{own_gv}}}"#));
@@ -689,21 +420,13 @@ async fn full_cycle(source: PhaseSourceKind) {
         .job
         .expect("job");
     assert_eq!(started.kind, pb::JobKind::Download as i32);
-    let start = Instant::now();
-    let lb = loop {
-        let jobs = jobs_of(&mut client).await;
-        if let Some(j) = jobs
-            .iter()
-            .find(|j| j.id == started.id && j.outcome != pb::JobOutcome::Running as i32)
-        {
-            break j.clone();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "LoadBaseline job never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let lb = wait_final(
+        &mut client,
+        "the LoadBaseline job",
+        Duration::from_secs(20),
+        |j| j.id == started.id,
+    )
+    .await;
     assert_eq!(lb.outcome, pb::JobOutcome::Skipped as i32, "{lb:#?}");
     assert_eq!(
         good_server.download_requests(),
@@ -718,11 +441,7 @@ async fn full_cycle(source: PhaseSourceKind) {
     req.metadata_mut()
         .insert("authorization", bearer.parse().unwrap());
     assert!(client.stop(req).await.unwrap().into_inner().accepted);
-    let r = tokio::time::timeout(Duration::from_secs(30), daemon)
-        .await
-        .expect("daemon stops")
-        .unwrap();
-    r.expect("clean exit");
+    daemon.exited().await;
     assert!(run.pins().unwrap().is_empty(), "pins released");
     assert!(
         !run_dir.join("control/chainsync.json").exists(),
@@ -858,53 +577,6 @@ async fn sigterm_stops_the_binary_with_status_0() {
     }
 }
 
-async fn jobs_of(client: &mut ChainSyncClient<tonic::transport::Channel>) -> Vec<pb::Job> {
-    client
-        .get_jobs(pb::GetJobsRequest { limit: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-}
-
-async fn connect(addr: std::net::SocketAddr) -> ChainSyncClient<tonic::transport::Channel> {
-    let start = Instant::now();
-    loop {
-        match ChainSyncClient::connect(format!("http://{addr}")).await {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "gRPC never came up: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn wait_job(
-    client: &mut ChainSyncClient<tonic::transport::Channel>,
-    kind: pb::JobKind,
-    cycle: u64,
-    limit: Duration,
-) -> pb::Job {
-    let start = Instant::now();
-    loop {
-        let jobs = jobs_of(client).await;
-        if let Some(j) =
-            job(&jobs, kind, cycle).filter(|j| j.outcome != pb::JobOutcome::Running as i32)
-        {
-            return j.clone();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "no finished {kind:?} job in cycle {cycle}: {jobs:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A restart in the middle of a cycle: the commitment already on chain is found (no second
 /// extrinsic, even with the job journal lost), and MinerCommit2 after the restart commits the
 /// checkpoint the first process committed in MinerCommit1.
@@ -916,12 +588,9 @@ async fn a_restart_finds_its_commitment_on_chain_and_continues_the_cycle() {
         .expect("devnet");
     let head = Arc::new(AtomicU64::new(d.head().expect("head")));
     let ticker = Ticker::start(d.port(), head.clone(), Duration::from_millis(300));
-    let group = ExpertGroup::builtin("exp_math").unwrap();
     let miner = Hotkey::load(&wallet_dir(), "miners", "miner_1", None).expect("example wallet");
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
-    let run = RunDir::create(&run_dir).unwrap();
-    let mut cfg = MinerConfig::new_run("miners", "miner_1", "restart");
     let p = CyclePeriods {
         distribute_period: 2,
         train_period: 2,
@@ -930,65 +599,15 @@ async fn a_restart_finds_its_commitment_on_chain_and_continues_the_cycle() {
         validate_period: 1,
         merge_period: 1,
     };
-    cfg.cycle.distribute_period = p.distribute_period;
-    cfg.cycle.train_period = p.train_period;
-    cfg.cycle.commit_period = p.commit_period;
-    cfg.cycle.submission_period = p.submission_period;
-    cfg.cycle.validate_period = p.validate_period;
-    cfg.cycle.merge_period = p.merge_period;
-    cfg.chain.network = d.ws_url();
-    cfg.write(&run_dir).unwrap();
+    let run = create_run(&run_dir, d.ws_url(), "restart", &p);
     let sched = PhaseSchedule::new(p).unwrap();
-    let own_hash = {
-        let staged = run.stage_own(1, 20).unwrap();
-        let h = staged
-            .write_model_tensors(group.group_id, &shard(9))
-            .unwrap();
-        staged.publish(PublishInfo::own(group.group_id, h)).unwrap();
-        h.to_hex()
-    };
-    let start_daemon = || {
-        let cli = Cli {
-            path: run_dir.clone(),
-            wallet_path: wallet_dir(),
-            password_env: None,
-            network: None,
-            phase_source: PhaseSourceKind::Local,
-            owner_url: None,
-            validator_whitelist: Vec::new(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            metrics_listen: "127.0.0.1:0".parse().unwrap(),
-            log_format: LogFormat::Text,
-            otlp_endpoint: None,
-            tls_cert: None,
-            tls_key: None,
-            submit_retry_backoff_ms: None,
-            download_retry_backoff_ms: None,
-            block_time_ms: None,
-        };
-        let mut settings = Settings::from_cli(&cli).expect("settings");
-        settings.timing.poll = Duration::from_millis(100);
-        settings.timing.block_time = Duration::from_millis(1000);
-        let grpc_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        grpc_l.set_nonblocking(true).unwrap();
-        let addr = grpc_l.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_with(
-            settings,
-            Listeners {
-                grpc: tokio::net::TcpListener::from_std(grpc_l).unwrap(),
-                metrics: None,
-            },
-            shutdown.clone(),
-            Overrides::default(),
-        ));
-        (addr, shutdown, task)
-    };
+    let own_hash = publish_own(&run, 1, 20, 9);
+    let cli = local_cli(&run_dir);
 
     // First process: starts in Train, commits in MinerCommit1.
     wait_for_phase(&head, &sched, PhaseName::Train, 1).await;
-    let (addr, stop1, task1) = start_daemon();
-    let mut client = connect(addr).await;
+    let daemon = Daemon::start_with(&cli, None, false).await;
+    let mut client = daemon.client().await;
     let cycle = sched.phase_at(head.load(Ordering::SeqCst)).cycle_index;
     let c1 = wait_job(
         &mut client,
@@ -1006,12 +625,7 @@ async fn a_restart_finds_its_commitment_on_chain_and_continues_the_cycle() {
         1,
         "the committed checkpoint is pinned"
     );
-    stop1.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task1)
-        .await
-        .expect("first daemon stops")
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
     assert!(run.pins().unwrap().is_empty(), "pins released on stop");
     let chain = ChainClient::connect(&Endpoint::Url(d.ws_url()))
         .await
@@ -1032,8 +646,8 @@ async fn a_restart_finds_its_commitment_on_chain_and_continues_the_cycle() {
 
     // The journal is lost; the second process must look at the chain.
     std::fs::remove_file(run_dir.join("chainsync/jobs.jsonl")).unwrap();
-    let (addr, stop2, task2) = start_daemon();
-    let mut client = connect(addr).await;
+    let daemon = Daemon::start_with(&cli, None, false).await;
+    let mut client = daemon.client().await;
     let again = wait_job(
         &mut client,
         pb::JobKind::Commit1,
@@ -1084,12 +698,7 @@ async fn a_restart_finds_its_commitment_on_chain_and_continues_the_cycle() {
     );
     let text = our_commitment(&chain, miner.ss58(), b).await.unwrap();
     assert_eq!(text, format!(r#"{{"e":0,"h":"{own_hash}","v":1}}"#));
-    stop2.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task2)
-        .await
-        .expect("second daemon stops")
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
     assert!(run.pins().unwrap().is_empty(), "pins released on stop");
 }
 
@@ -1104,74 +713,23 @@ async fn a_commit_that_cannot_finish_in_its_phase_is_missed_not_sent() {
         .expect("devnet");
     let head = Arc::new(AtomicU64::new(d.head().expect("head")));
     let _ticker = Ticker::start(d.port(), head.clone(), Duration::from_millis(300));
-    let group = ExpertGroup::builtin("exp_math").unwrap();
     let miner = Hotkey::load(&wallet_dir(), "miners", "miner_1", None).expect("example wallet");
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
-    let run = RunDir::create(&run_dir).unwrap();
-    // 1+1+4+4+1+1+1+4+4 = 21 blocks: MinerCommit1 comes soon after any head.
-    let p = CyclePeriods {
-        distribute_period: 1,
-        train_period: 1,
-        commit_period: 4,
-        submission_period: 1,
-        validate_period: 1,
-        merge_period: 1,
-    };
-    let mut cfg = MinerConfig::new_run("miners", "miner_1", "missed");
-    cfg.cycle.distribute_period = p.distribute_period;
-    cfg.cycle.train_period = p.train_period;
-    cfg.cycle.commit_period = p.commit_period;
-    cfg.cycle.submission_period = p.submission_period;
-    cfg.cycle.validate_period = p.validate_period;
-    cfg.cycle.merge_period = p.merge_period;
-    cfg.chain.network = d.ws_url();
-    cfg.write(&run_dir).unwrap();
+    // 21 blocks: MinerCommit1 comes soon after any head.
+    let p = periods_21();
+    let run = create_run(&run_dir, d.ws_url(), "missed", &p);
     let sched = PhaseSchedule::new(p).unwrap();
-    {
-        let staged = run.stage_own(1, 30).unwrap();
-        let h = staged
-            .write_model_tensors(group.group_id, &shard(11))
-            .unwrap();
-        staged.publish(PublishInfo::own(group.group_id, h)).unwrap();
-    }
-    let cli = Cli {
-        path: run_dir.clone(),
-        wallet_path: wallet_dir(),
-        password_env: None,
-        network: None,
-        phase_source: PhaseSourceKind::Local,
-        owner_url: None,
-        validator_whitelist: Vec::new(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        log_format: LogFormat::Text,
-        otlp_endpoint: None,
-        tls_cert: None,
-        tls_key: None,
-        submit_retry_backoff_ms: None,
-        download_retry_backoff_ms: None,
-        block_time_ms: None,
-    };
-    let mut settings = Settings::from_cli(&cli).expect("settings");
+    publish_own(&run, 1, 30, 11);
+    // The default block time (12 s), polling every 100 ms.
+    let mut settings = Settings::from_cli(&local_cli(&run_dir)).expect("settings");
     settings.timing.poll = Duration::from_millis(100);
     // A commit needs more blocks than the phase has.
     settings.timing.min_commit_blocks = 2 * p.commit_period;
-    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc_l.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
     let (train_start, _) = wait_for_phase(&head, &sched, PhaseName::Train, 0).await;
     let cycle = train_start / sched.cycle_length();
-    let task = tokio::spawn(run_with(
-        settings,
-        Listeners {
-            grpc: grpc_l,
-            metrics: None,
-        },
-        shutdown.clone(),
-        Overrides::default(),
-    ));
-    let mut client = connect(addr).await;
+    let daemon = Daemon::start_settings(settings, None, false).await;
+    let mut client = daemon.client().await;
     let c1 = wait_job(
         &mut client,
         pb::JobKind::Commit1,
@@ -1214,12 +772,7 @@ async fn a_commit_that_cannot_finish_in_its_phase_is_missed_not_sent() {
         ours.is_none_or(|c| c.block.is_some_and(|b| b < mc1)),
         "nothing committed in cycle {cycle}"
     );
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .expect("stops")
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
 }
 
 /// The minerctl binary built into the same target directory as this test's chainsync-svc.
@@ -1287,17 +840,9 @@ async fn minerctl_reads_and_stops_the_real_daemon_through_the_run_directory() {
     let _ticker = Ticker::start(d.port(), head.clone(), Duration::from_millis(300));
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
-    RunDir::create(&run_dir).unwrap();
     // 21 blocks per cycle: jobs appear within a few seconds.
-    let mut cfg = MinerConfig::new_run("miners", "miner_1", "minerctl");
-    cfg.cycle.distribute_period = 1;
-    cfg.cycle.train_period = 1;
-    cfg.cycle.commit_period = 4;
-    cfg.cycle.submission_period = 1;
-    cfg.cycle.validate_period = 1;
-    cfg.cycle.merge_period = 1;
-    cfg.chain.network = d.ws_url();
-    cfg.write(&run_dir).unwrap();
+    let p = periods_21();
+    create_run(&run_dir, d.ws_url(), "minerctl", &p);
     let mut child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_chainsync-svc"))
             .arg("--path")

@@ -382,6 +382,16 @@ impl Daemon {
         let mut settings = Settings::from_cli(cli).expect("settings");
         settings.timing.poll = Duration::from_millis(100);
         settings.timing.block_time = Duration::from_millis(1000);
+        Daemon::start_settings(settings, policies, metrics).await
+    }
+
+    /// Starts the daemon with `settings` as given, with `policies` (else the defaults), and a
+    /// metrics listener if `metrics`.
+    pub async fn start_settings(
+        settings: Settings,
+        policies: Option<Policies>,
+        metrics: bool,
+    ) -> Daemon {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind gRPC");
@@ -420,6 +430,11 @@ impl Daemon {
     /// Cancels the daemon and waits (30 s at most) for its clean exit.
     pub async fn stop(self) {
         self.shutdown.cancel();
+        self.exited().await;
+    }
+
+    /// Waits (30 s at most) for the daemon's clean exit, without asking it to stop.
+    pub async fn exited(self) {
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
             .expect("daemon stops")
