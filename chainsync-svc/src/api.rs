@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use miner_contract::{CheckpointEntry, CheckpointKind, CheckpointName};
+use miner_contract::CheckpointEntry;
 use miner_proto::chainsync::v1 as pb;
 use miner_proto::common::v1 as common;
 use tokio_util::sync::CancellationToken;
@@ -76,59 +76,17 @@ pub fn job_msg(r: &JobRecord) -> pb::Job {
     }
 }
 
-fn dir_size(path: &std::path::Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// A listed checkpoint with the committed/submitted state from the job records.
 fn checkpoint_msg(e: &CheckpointEntry, jobs: &[JobRecord]) -> common::Checkpoint {
-    let path = e.path.display().to_string();
-    let done = |kinds: &[JobKind]| {
-        jobs.iter().any(|j| {
-            kinds.contains(&j.kind) && j.outcome == JobOutcome::Succeeded && j.checkpoint == path
-        })
+    let mut m = miner_proto::checkpoint_message(e);
+    let path = m.path.clone();
+    let done = |kind: JobKind| {
+        jobs.iter()
+            .any(|j| j.kind == kind && j.outcome == JobOutcome::Succeeded && j.checkpoint == path)
     };
-    let (uid, hotkey) = match &e.name {
-        CheckpointName::Validator { uid, hotkey, .. } => {
-            (Some(u32::from(*uid)), Some(hotkey.clone()))
-        }
-        _ => (None, None),
-    };
-    common::Checkpoint {
-        committed: done(&[JobKind::Commit2]),
-        submitted: done(&[JobKind::Submit]),
-        name: e.dir_name.clone(),
-        path,
-        origin: match e.kind {
-            CheckpointKind::Own => common::CheckpointOrigin::Own,
-            CheckpointKind::Validator => common::CheckpointOrigin::Validator,
-        } as i32,
-        global_ver: e.global_ver,
-        inner_opt: e.inner_opt,
-        validator_uid: uid,
-        validator_hotkey: hotkey,
-        model_hash: e
-            .manifest
-            .as_ref()
-            .map(|m| m.model_hash.to_hex())
-            .unwrap_or_default(),
-        verified: e.is_verified(),
-        pinned_by: e.pinned_by.clone(),
-        size_bytes: dir_size(&e.path),
-        published_unix: e
-            .manifest
-            .as_ref()
-            .map(|m| (m.created_unix_ms / 1000) as i64)
-            .unwrap_or(0),
-    }
+    m.committed = done(JobKind::Commit2);
+    m.submitted = done(JobKind::Submit);
+    m
 }
 
 type PhaseStream = Pin<Box<dyn Stream<Item = Result<pb::Phase, Status>> + Send + 'static>>;

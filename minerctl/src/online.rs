@@ -131,16 +131,20 @@ impl<C> Conn<C> {
     }
 }
 
-async fn connect_trainer(slot: &Slot, timeout: Duration) -> Conn<TrainerClient> {
+/// Connects `slot` and wraps the channel in a client (`make`) that carries the trace context
+/// and the slot's token.
+async fn connect<C>(
+    service: &str,
+    slot: &Slot,
+    timeout: Duration,
+    make: impl FnOnce(Channel, TraceContextInterceptor) -> C,
+) -> Conn<C> {
     match slot {
         Slot::None => Conn::NotConfigured,
         Slot::Down(why) => Conn::Down(Failure::new(Exit::Unavailable, why.clone())),
-        Slot::Target(t) => match channel(TRAINER, t, timeout).await {
+        Slot::Target(t) => match channel(service, t, timeout).await {
             Ok(ch) => Conn::Up(
-                tpb::trainer_client::TrainerClient::with_interceptor(
-                    ch,
-                    TraceContextInterceptor::with_token(t.token.as_ref()),
-                ),
+                make(ch, TraceContextInterceptor::with_token(t.token.as_ref())),
                 t.clone(),
             ),
             Err(f) => Conn::Down(f),
@@ -148,21 +152,24 @@ async fn connect_trainer(slot: &Slot, timeout: Duration) -> Conn<TrainerClient> 
     }
 }
 
+async fn connect_trainer(slot: &Slot, timeout: Duration) -> Conn<TrainerClient> {
+    connect(
+        TRAINER,
+        slot,
+        timeout,
+        tpb::trainer_client::TrainerClient::with_interceptor,
+    )
+    .await
+}
+
 async fn connect_chainsync(slot: &Slot, timeout: Duration) -> Conn<ChainClient> {
-    match slot {
-        Slot::None => Conn::NotConfigured,
-        Slot::Down(why) => Conn::Down(Failure::new(Exit::Unavailable, why.clone())),
-        Slot::Target(t) => match channel(CHAINSYNC, t, timeout).await {
-            Ok(ch) => Conn::Up(
-                cpb::chain_sync_client::ChainSyncClient::with_interceptor(
-                    ch,
-                    TraceContextInterceptor::with_token(t.token.as_ref()),
-                ),
-                t.clone(),
-            ),
-            Err(f) => Conn::Down(f),
-        },
-    }
+    connect(
+        CHAINSYNC,
+        slot,
+        timeout,
+        cpb::chain_sync_client::ChainSyncClient::with_interceptor,
+    )
+    .await
 }
 
 /// What one host produced.

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use miner_contract::layout::{CheckpointEntry, CheckpointKind, CheckpointName, RunDir};
-use miner_proto::common::v1 as common;
+use miner_contract::layout::{CheckpointEntry, RunDir};
 use miner_proto::trainer::v1 as pb;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -65,54 +64,6 @@ impl From<&StatusSnapshot> for pb::TrainerStatus {
     }
 }
 
-fn dir_size(p: &std::path::Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|d| d.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-pub fn checkpoint_to_pb(e: &CheckpointEntry) -> common::Checkpoint {
-    let (uid, hotkey) = match &e.name {
-        CheckpointName::Validator { uid, hotkey, .. } => {
-            (Some(u32::from(*uid)), Some(hotkey.clone()))
-        }
-        CheckpointName::Own { .. } => (None, None),
-    };
-    common::Checkpoint {
-        name: e.dir_name.clone(),
-        path: e.path.display().to_string(),
-        origin: match e.kind {
-            CheckpointKind::Own => common::CheckpointOrigin::Own,
-            CheckpointKind::Validator => common::CheckpointOrigin::Validator,
-        } as i32,
-        global_ver: e.global_ver,
-        inner_opt: e.inner_opt,
-        validator_uid: uid,
-        validator_hotkey: hotkey,
-        model_hash: e
-            .manifest
-            .as_ref()
-            .map(|m| m.model_hash.to_hex())
-            .unwrap_or_default(),
-        verified: e.is_verified(),
-        pinned_by: e.pinned_by.clone(),
-        committed: false,
-        submitted: false,
-        size_bytes: dir_size(&e.path),
-        published_unix: e
-            .manifest
-            .as_ref()
-            .map(|m| (m.created_unix_ms / 1000) as i64)
-            .unwrap_or(0),
-    }
-}
-
 impl TrainerApi {
     async fn list(&self) -> Result<Vec<CheckpointEntry>, Status> {
         let dir = self.run_dir.clone();
@@ -166,7 +117,10 @@ impl pb::trainer_server::Trainer for TrainerApi {
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let entries = self.list().await?;
         Ok(Response::new(pb::ListCheckpointsResponse {
-            checkpoints: entries.iter().map(checkpoint_to_pb).collect(),
+            checkpoints: entries
+                .iter()
+                .map(miner_proto::checkpoint_message)
+                .collect(),
         }))
     }
 
@@ -188,7 +142,7 @@ impl pb::trainer_server::Trainer for TrainerApi {
         };
         self.control.request_load_baseline(e.dir_name.clone());
         Ok(Response::new(pb::LoadBaselineResponse {
-            loaded: Some(checkpoint_to_pb(e)),
+            loaded: Some(miner_proto::checkpoint_message(e)),
             message: format!("{} will be loaded at the next step boundary", e.dir_name),
         }))
     }
