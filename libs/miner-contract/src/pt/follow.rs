@@ -15,18 +15,25 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::reader::{is_contiguous, state_dict_of};
+use super::pickle::MAX_PICKLE;
+use super::reader::{check_views, clip, is_contiguous, state_dict_of, unpickle_error};
 use super::zip::read_at;
-use super::{PtError, PtLayout, PtReader, TensorMeta, io_err, pickle};
+use super::{Expected, PtError, PtLayout, PtReader, TensorMeta, io_err, pickle};
 use crate::hash::{ModelHash, ModelHasher};
 
 const LFH_SIG: u32 = 0x0403_4b50;
 const CDH_SIG: u32 = 0x0201_4b50;
 const DD_SIG: u32 = 0x0807_4b50;
 const LFH_LEN: u64 = 30;
-/// Longest record of unknown size (`data.pkl`, small metadata records) searched for its data
-/// descriptor while streaming; a longer one makes the follower give up (full pass at the end).
+/// Longest record of unknown size other than `data.pkl` (small metadata records) searched for
+/// its data descriptor while streaming; a longer one makes the follower give up (full pass at
+/// the end). `data.pkl` is searched up to [`MAX_PICKLE`] and refused beyond.
 const MAX_SCAN: u64 = 64 << 20;
+/// Bytes read at once while searching for a data descriptor.
+const SCAN_WINDOW: u64 = 1 << 20;
+/// What may follow the central directory entries: ZIP64 end record and locator, end record
+/// and its longest comment.
+const TAIL_SLACK: u64 = 56 + 20 + 22 + 0xFFFF;
 /// Largest piece of tensor data read and hashed at once.
 const CHUNK: u64 = 8 << 20;
 /// Smallest piece worth reading while a tensor is still arriving (its end is always taken).
@@ -76,10 +83,16 @@ enum State {
         zip64: bool,
         scan: u64,
     },
-    /// The central directory was reached: every record is known.
-    Done,
+    /// The central directory was reached (at `cd_start`): every record is known.
+    Done { cd_start: u64 },
     /// The streamed parse cannot follow this file; `finish` does a full pass.
     GaveUp,
+}
+
+/// What [`PtFollower::parse`] does next: go on in a new state, or wait for more bytes.
+enum Step {
+    Go(State),
+    Wait(State),
 }
 
 /// Follows a `.pt` file being written front to back (see the module documentation).
@@ -102,6 +115,11 @@ pub struct PtFollower<C: FollowCheck> {
     done_in_next: Option<u64>,
     hashed: u64,
     buf: Vec<u8>,
+    /// The root folder of the first record.
+    root: Option<String>,
+    /// Most bytes the central directory entries of the records seen so far can take.
+    cd_bound: u64,
+    expected: Option<Expected>,
 }
 
 fn rd16(b: &[u8], at: usize) -> u16 {
@@ -152,7 +170,17 @@ impl<C: FollowCheck> PtFollower<C> {
             done_in_next: None,
             hashed: 0,
             buf: Vec::new(),
+            root: None,
+            cd_bound: 0,
+            expected: None,
         })
+    }
+
+    /// Also checks the tensor list against `expected` (before [`FollowCheck::entries`] and
+    /// before any tensor data).
+    pub fn expecting(mut self, expected: Expected) -> Self {
+        self.expected = Some(expected);
+        self
     }
 
     /// Tensor bytes hashed so far.
@@ -199,6 +227,9 @@ impl<C: FollowCheck> PtFollower<C> {
             });
         }
         // Full pass over the finished file, with the same checks.
+        if let Some(expected) = &self.expected {
+            expected.check(&self.path, reader.entries())?;
+        }
         self.check.entries(reader.layout(), reader.entries())?;
         let mut hasher = ModelHasher::new();
         let mut total = 0u64;
@@ -236,178 +267,274 @@ impl<C: FollowCheck> PtFollower<C> {
         Ok(&self.buf)
     }
 
-    /// Parses records as far as the written bytes allow.
+    fn corrupt(&self, detail: String) -> PtError {
+        PtError::CorruptZip {
+            path: self.path.clone(),
+            detail,
+        }
+    }
+
+    /// Parses records as far as the written bytes allow. A file the reader would refuse is
+    /// refused here as soon as the offending bytes are in.
     fn parse(&mut self) -> Result<(), C::Error> {
         loop {
-            match std::mem::replace(&mut self.state, State::GaveUp) {
-                State::Header { at } => {
-                    if at + 4 > self.avail {
-                        self.state = State::Header { at };
-                        return Ok(());
-                    }
-                    let sig = rd32(self.read(at, 4)?, 0);
-                    if sig == CDH_SIG {
-                        self.state = State::Done;
-                        return Ok(());
-                    }
-                    if sig != LFH_SIG || at + LFH_LEN > self.avail {
-                        // An unknown record: give up. A header not fully there: wait.
-                        if sig == LFH_SIG {
-                            self.state = State::Header { at };
-                        }
-                        return Ok(());
-                    }
-                    let h = self.read(at, LFH_LEN)?;
-                    let (method, name_len, extra_len) =
-                        (rd16(h, 8), u64::from(rd16(h, 26)), u64::from(rd16(h, 28)));
-                    let start = at + LFH_LEN + name_len + extra_len;
-                    if method != 0 {
-                        return Ok(());
-                    }
-                    if start > self.avail {
-                        self.state = State::Header { at };
-                        return Ok(());
-                    }
-                    let h = self.read(at + LFH_LEN, name_len + extra_len)?.to_vec();
-                    let Ok(full) = std::str::from_utf8(&h[..name_len as usize]) else {
-                        return Ok(());
-                    };
-                    let Some((_, name)) = full.split_once('/') else {
-                        return Ok(());
-                    };
-                    let name = name.to_owned();
-                    let extra = &h[name_len as usize..];
-                    let mut zip64 = false;
-                    let mut x = 0usize;
-                    while x + 4 <= extra.len() {
-                        zip64 |= rd16(extra, x) == 0x0001;
-                        x += 4 + rd16(extra, x + 2) as usize;
-                    }
-                    let size = name
-                        .strip_prefix("data/")
-                        .and_then(|key| self.storage_sizes.get(key))
-                        .copied();
-                    if let Some(key) = name.strip_prefix("data/") {
-                        self.record_starts.insert(key.to_owned(), start);
-                    }
-                    self.state = State::Data {
-                        name,
-                        start,
-                        size,
-                        zip64,
-                        scan: start,
-                    };
-                }
+            let next = match std::mem::replace(&mut self.state, State::GaveUp) {
+                State::Header { at } => self.on_header(at)?,
                 State::Data {
                     name,
                     start,
                     size: Some(size),
                     zip64,
                     scan,
-                } => {
-                    let end = start + size;
-                    let dl = dd_len(zip64);
-                    if end + dl > self.avail {
-                        self.state = State::Data {
-                            name,
-                            start,
-                            size: Some(size),
-                            zip64,
-                            scan,
-                        };
-                        return Ok(());
-                    }
-                    let d = self.read(end, dl)?;
-                    if dd_size(d, zip64) != Some((size, size)) {
-                        return Ok(());
-                    }
-                    if self.record_done(&name, start, size)? {
-                        self.state = State::Header { at: end + dl };
-                    }
-                }
+                } => self.on_sized(name, start, size, zip64, scan)?,
                 State::Data {
                     name,
                     start,
                     size: None,
                     zip64,
                     scan,
-                } => {
-                    let dl = dd_len(zip64);
-                    // Candidate descriptor positions p need p + dl <= avail.
-                    let last = match self.avail.checked_sub(dl) {
-                        Some(l) if l >= scan => l,
-                        _ => {
-                            self.state = State::Data {
-                                name,
-                                start,
-                                size: None,
-                                zip64,
-                                scan,
-                            };
-                            return Ok(());
-                        }
-                    };
-                    let last = last.min(start + MAX_SCAN).max(scan);
-                    let window = self.read(scan, last - scan + dl)?;
-                    let found = (0..=(last - scan) as usize).find(|&i| {
-                        window[i] == b'P'
-                            && dd_size(&window[i..], zip64)
-                                .is_some_and(|(a, b)| a == b && a == scan + i as u64 - start)
-                    });
-                    match found {
-                        Some(i) => {
-                            let size = scan + i as u64 - start;
-                            if self.record_done(&name, start, size)? {
-                                self.state = State::Header {
-                                    at: start + size + dl,
-                                };
-                            }
-                        }
-                        None if last >= start + MAX_SCAN => return Ok(()),
-                        None => {
-                            self.state = State::Data {
-                                name,
-                                start,
-                                size: None,
-                                zip64,
-                                scan: last + 1,
-                            };
-                            return Ok(());
-                        }
-                    }
+                } => self.on_scan(name, start, zip64, scan)?,
+                State::Done { cd_start } => {
+                    self.check_tail(cd_start)?;
+                    Step::Wait(State::Done { cd_start })
                 }
-                State::Done => {
-                    self.state = State::Done;
+                State::GaveUp => Step::Wait(State::GaveUp),
+            };
+            match next {
+                Step::Go(state) => self.state = state,
+                Step::Wait(state) => {
+                    self.state = state;
                     return Ok(());
                 }
-                State::GaveUp => return Ok(()),
             }
         }
     }
 
-    /// A record is complete. For `data.pkl`: parse the tensor list and run the entry check.
-    /// Returns whether the streamed parse goes on (`false`: the full pass at the end decides).
+    /// A local header (or the central directory) starts at `at`.
+    fn on_header(&mut self, at: u64) -> Result<Step, C::Error> {
+        if at + 4 > self.avail {
+            return Ok(Step::Wait(State::Header { at }));
+        }
+        let sig = rd32(self.read(at, 4)?, 0);
+        if sig == CDH_SIG && self.layout.is_some() {
+            return Ok(Step::Go(State::Done { cd_start: at }));
+        }
+        if sig != LFH_SIG {
+            let e = if at == 0 {
+                PtError::NotZip {
+                    path: self.path.clone(),
+                    detail: format!("no zip signature (starts with 0x{sig:08x})"),
+                }
+            } else if sig == CDH_SIG {
+                PtError::NotACheckpoint {
+                    path: self.path.clone(),
+                    detail: "the archive has no data.pkl record".into(),
+                }
+            } else {
+                self.corrupt(format!(
+                    "bytes at offset {at} are not a zip record (signature 0x{sig:08x})"
+                ))
+            };
+            return Err(e.into());
+        }
+        if at + LFH_LEN > self.avail {
+            return Ok(Step::Wait(State::Header { at }));
+        }
+        let h = self.read(at, LFH_LEN)?;
+        let (method, name_len, extra_len) =
+            (rd16(h, 8), u64::from(rd16(h, 26)), u64::from(rd16(h, 28)));
+        let start = at + LFH_LEN + name_len + extra_len;
+        if method != 0 {
+            return Err(self
+                .corrupt(format!(
+                    "record at offset {at} is compressed (method {method}); torch.save stores records"
+                ))
+                .into());
+        }
+        if start > self.avail {
+            return Ok(Step::Wait(State::Header { at }));
+        }
+        let h = self.read(at + LFH_LEN, name_len + extra_len)?.to_vec();
+        let (root, name) = std::str::from_utf8(&h[..name_len as usize])
+            .ok()
+            .and_then(|full| full.split_once('/'))
+            .ok_or_else(|| {
+                self.corrupt(format!(
+                    "record at offset {at} is not named <root>/<name> in UTF-8"
+                ))
+            })?;
+        match &self.root {
+            Some(r) if r != root => {
+                return Err(self
+                    .corrupt(format!(
+                        "record {:?} is outside the root folder {:?}",
+                        clip(name),
+                        clip(r)
+                    ))
+                    .into());
+            }
+            Some(_) => {}
+            None => self.root = Some(root.to_owned()),
+        }
+        self.cd_bound += 46 + 28 + name_len;
+        let name = name.to_owned();
+        let extra = &h[name_len as usize..];
+        let mut zip64 = false;
+        let mut x = 0usize;
+        while x + 4 <= extra.len() {
+            zip64 |= rd16(extra, x) == 0x0001;
+            x += 4 + rd16(extra, x + 2) as usize;
+        }
+        let size = name
+            .strip_prefix("data/")
+            .and_then(|key| self.storage_sizes.get(key))
+            .copied();
+        if let Some(key) = name.strip_prefix("data/") {
+            self.record_starts.insert(key.to_owned(), start);
+        }
+        Ok(Step::Go(State::Data {
+            name,
+            start,
+            size,
+            zip64,
+            scan: start,
+        }))
+    }
+
+    /// A record of known size: its data descriptor must follow its data.
+    fn on_sized(
+        &mut self,
+        name: String,
+        start: u64,
+        size: u64,
+        zip64: bool,
+        scan: u64,
+    ) -> Result<Step, C::Error> {
+        let end = start + size;
+        let dl = dd_len(zip64);
+        if end + dl > self.avail {
+            return Ok(Step::Wait(State::Data {
+                name,
+                start,
+                size: Some(size),
+                zip64,
+                scan,
+            }));
+        }
+        let d = self.read(end, dl)?;
+        if dd_size(d, zip64) != Some((size, size)) {
+            return Err(self
+                .corrupt(format!(
+                    "record {:?} ({size} bytes for its storage) is not followed by its data descriptor",
+                    clip(&name)
+                ))
+                .into());
+        }
+        Ok(match self.record_done(&name, start, size)? {
+            true => Step::Go(State::Header { at: end + dl }),
+            false => Step::Wait(State::GaveUp),
+        })
+    }
+
+    /// A record of unknown size (`data.pkl`, metadata): its data descriptor is searched for,
+    /// a bounded window at a time, up to [`MAX_PICKLE`] bytes for `data.pkl` (longer: refused)
+    /// and [`MAX_SCAN`] for others (longer: the full pass at the end decides).
+    fn on_scan(
+        &mut self,
+        name: String,
+        start: u64,
+        zip64: bool,
+        mut scan: u64,
+    ) -> Result<Step, C::Error> {
+        let dl = dd_len(zip64);
+        let limit = start + if name == "data.pkl" { MAX_PICKLE } else { MAX_SCAN };
+        // Candidate descriptor positions p need p + dl <= avail.
+        while let Some(last) = self.avail.checked_sub(dl).filter(|&l| l >= scan) {
+            if scan > limit {
+                break;
+            }
+            let last = last.min(limit).min(scan + SCAN_WINDOW);
+            let window = self.read(scan, last - scan + dl)?;
+            let found = (0..=(last - scan) as usize).find(|&i| {
+                window[i] == b'P'
+                    && dd_size(&window[i..], zip64)
+                        .is_some_and(|(a, b)| a == b && a == scan + i as u64 - start)
+            });
+            if let Some(i) = found {
+                let size = scan + i as u64 - start;
+                return Ok(match self.record_done(&name, start, size)? {
+                    true => Step::Go(State::Header {
+                        at: start + size + dl,
+                    }),
+                    false => Step::Wait(State::GaveUp),
+                });
+            }
+            scan = last + 1;
+        }
+        if scan > limit {
+            if name == "data.pkl" {
+                return Err(PtError::BadPickle {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "data.pkl is over {MAX_PICKLE} bytes (state dicts pickle to far less)"
+                    ),
+                }
+                .into());
+            }
+            return Ok(Step::Wait(State::GaveUp));
+        }
+        Ok(Step::Wait(State::Data {
+            name,
+            start,
+            size: None,
+            zip64,
+            scan,
+        }))
+    }
+
+    /// After the first central directory header only the directory and the end records may
+    /// follow: more bytes than the records seen can need is junk.
+    fn check_tail(&self, cd_start: u64) -> Result<(), PtError> {
+        let bound = self.cd_bound + TAIL_SLACK;
+        if self.avail > cd_start.saturating_add(bound) {
+            return Err(self.corrupt(format!(
+                "{} bytes follow the central directory start at {cd_start}; {} records need at most {bound}",
+                self.avail - cd_start,
+                self.cd_records()
+            )));
+        }
+        Ok(())
+    }
+
+    fn cd_records(&self) -> usize {
+        self.record_starts.len() + usize::from(self.layout.is_some())
+    }
+
+    /// A record is complete. For `data.pkl`: parse the tensor list (refusing what the reader
+    /// refuses: a bad pickle, not a state dict, views that do not fit their storages) and run
+    /// the entry checks. Returns whether the streamed parse goes on (`false`: a view the stream
+    /// cannot follow; the full pass at the end decides).
     fn record_done(&mut self, name: &str, start: u64, size: u64) -> Result<bool, C::Error> {
         if name != "data.pkl" {
             return Ok(true);
         }
         if self.layout.is_some() {
-            // A second data.pkl record.
-            return Ok(false);
+            return Err(self.corrupt("record \"data.pkl\" appears twice".into()).into());
         }
-        let pkl = self.read(start, size)?.to_vec();
-        // A pickle the reader would refuse: the full pass reports it.
-        let Ok(value) = pickle::unpickle(&pkl) else {
-            return Ok(false);
-        };
-        let Ok((layout, tensors)) = state_dict_of(&value) else {
-            return Ok(false);
-        };
+        let mut pkl = vec![0u8; size as usize];
+        read_at(&self.file, &self.path, start, &mut pkl)?;
+        let graph = pickle::unpickle(&pkl).map_err(|e| unpickle_error(&self.path, e))?;
+        drop(pkl);
+        let (layout, tensors) =
+            state_dict_of(&graph).map_err(|detail| PtError::NotACheckpoint {
+                path: self.path.clone(),
+                detail,
+            })?;
+        check_views(&self.path, tensors.iter().map(|(n, t)| (*n, *t)))?;
         let mut entries = Vec::with_capacity(tensors.len());
+        let mut streamable = true;
         for (name, t) in tensors {
-            if !is_contiguous(&t.shape, &t.stride) {
-                return Ok(false);
-            }
+            streamable &= is_contiguous(&t.shape, &t.stride);
             let es = t.storage.dtype.elem_size() as u64;
             let meta = TensorMeta::new(name, t.storage.dtype, t.shape.clone());
             self.storage_sizes
@@ -420,10 +547,18 @@ impl<C: FollowCheck> PtFollower<C> {
                 offset: t.offset.saturating_mul(es),
             });
         }
+        drop(graph);
         let metas: Vec<TensorMeta> = entries.iter().map(|e| e.meta.clone()).collect();
+        if let Some(expected) = &self.expected {
+            expected.check(&self.path, &metas)?;
+        }
+        if !streamable {
+            // The full pass at the end runs the checks, on the views as the reader gathers them.
+            return Ok(false);
+        }
         self.check.entries(layout, &metas)?;
-        self.entries = entries;
         self.layout = Some(layout);
+        self.entries = entries;
         Ok(true)
     }
 

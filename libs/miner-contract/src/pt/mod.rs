@@ -8,9 +8,17 @@
 //!   restricted unpickler that knows only the globals `weights_only` loading allows and never
 //!   executes anything.
 //!
+//! **Hostile input:** the reader and the follower are safe on any bytes: no recursion (the
+//! pickle's objects live in an arena), allocations budgeted against the input's size,
+//! `data.pkl`, the central directory and record counts capped, every tensor view checked
+//! against its storage before data is read, records that overlap or disagree with the central
+//! directory refused, and untrusted text escaped in every error message. [`Expected`] refuses
+//! a file whose names, dtypes or shapes are not the caller's, before any data is read.
+//!
 //! **Invariant:** a file written here is published atomically: it is written to a hidden
 //! sibling, fsynced, then renamed onto the final path.
 
+mod expected;
 mod follow;
 mod pickle;
 mod reader;
@@ -20,6 +28,7 @@ mod zip;
 use std::fmt;
 use std::path::PathBuf;
 
+pub use expected::{Expected, ExpectedTensor};
 pub use follow::{FollowCheck, Followed, PtFollower};
 pub use reader::{PtLayout, PtReader, read_pt};
 pub use writer::{write_pt, write_pt_tensors};
@@ -182,12 +191,36 @@ impl Default for PtWriteOptions {
     }
 }
 
+/// Displays an untrusted string for a log line: control characters (newlines, terminal
+/// escapes) and bidirectional-text overrides are written as `\u{..}` escapes, nothing else
+/// changes. Every string field of [`PtError`] is shown through it.
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        for c in self.0.chars() {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn esc_path(p: &std::path::Path) -> String {
+    Escaped(&p.to_string_lossy()).to_string()
+}
+
 /// Everything that can go wrong reading or writing a `.pt` file. Every message is one line that
-/// names the file.
+/// names the file; untrusted text in it is escaped ([`Escaped`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PtError {
     /// The OS refused a read/write/fsync/rename (disk full, permissions, missing file).
-    #[error("{path}: {op}: {source}")]
+    #[error("{}: {}: {source}", esc_path(.path), Escaped(.op))]
     Io {
         path: PathBuf,
         op: String,
@@ -195,39 +228,43 @@ pub enum PtError {
         source: std::io::Error,
     },
     /// The file is not a zip archive at all (e.g. a legacy or foreign file).
-    #[error("{path}: not a torch.save zip archive: {detail}")]
+    #[error("{}: not a torch.save zip archive: {}", esc_path(.path), Escaped(.detail))]
     NotZip { path: PathBuf, detail: String },
     /// The file ends early (an interrupted write or download).
-    #[error("{path}: truncated file: {detail}")]
+    #[error("{}: truncated file: {}", esc_path(.path), Escaped(.detail))]
     Truncated { path: PathBuf, detail: String },
-    /// The zip structure is inconsistent (bad headers, missing records, compression).
-    #[error("{path}: corrupt zip archive: {detail}")]
+    /// The zip structure is inconsistent (bad headers, missing or overlapping records,
+    /// compression, local headers that disagree with the central directory).
+    #[error("{}: corrupt zip archive: {}", esc_path(.path), Escaped(.detail))]
     CorruptZip { path: PathBuf, detail: String },
-    /// `data.pkl` is not a pickle this reader understands.
-    #[error("{path}: bad pickle in data.pkl: {detail}")]
+    /// `data.pkl` is not a pickle this reader understands, or is too big or too costly to build.
+    #[error("{}: bad pickle in data.pkl: {}", esc_path(.path), Escaped(.detail))]
     BadPickle { path: PathBuf, detail: String },
     /// The pickle names a global that `torch.load(weights_only=True)` would refuse.
-    #[error("{path}: data.pkl references forbidden global {global} (not allowed by weights_only)")]
+    #[error("{}: data.pkl references forbidden global {} (not allowed by weights_only)", esc_path(.path), Escaped(.global))]
     ForbiddenGlobal { path: PathBuf, global: String },
     /// A storage class or dtype outside [`DType`] (e.g. complex or quantized storages).
-    #[error("{path}: unsupported storage type {storage}")]
+    #[error("{}: unsupported storage type {}", esc_path(.path), Escaped(.storage))]
     UnknownStorage { path: PathBuf, storage: String },
-    /// Valid pickle, but not a state dict of tensors (wrong top level, no tensors, non-tensor values).
-    #[error("{path}: not a checkpoint: {detail}")]
+    /// Valid pickle, but not a state dict of tensors (wrong top level, no tensors, non-tensor
+    /// values), or not the tensors the caller expected ([`Expected`]).
+    #[error("{}: not a checkpoint: {}", esc_path(.path), Escaped(.detail))]
     NotACheckpoint { path: PathBuf, detail: String },
-    /// A tensor reaches past the end of its storage record.
-    #[error("{path}: tensor {name}: data out of bounds: {detail}")]
+    /// A tensor's view does not fit its storage (past its end, more elements than it holds,
+    /// an expanded view with stride 0, overflowing sizes), or a storage record's size is not
+    /// the storage's.
+    #[error("{}: tensor {}: data out of bounds: {}", esc_path(.path), Escaped(.name), Escaped(.detail))]
     OutOfBounds {
         path: PathBuf,
         name: String,
         detail: String,
     },
     /// [`PtReader::read`] was asked for a name the file does not hold.
-    #[error("{path}: no tensor named {name}")]
+    #[error("{}: no tensor named {}", esc_path(.path), Escaped(.name))]
     NoSuchTensor { path: PathBuf, name: String },
     /// The caller's input to a writer is inconsistent (duplicate names, a data length that does
     /// not match the shape, a fill callback that wrote the wrong number of bytes).
-    #[error("{path}: invalid tensor {name}: {detail}")]
+    #[error("{}: invalid tensor {}: {}", esc_path(.path), Escaped(.name), Escaped(.detail))]
     InvalidTensor {
         path: PathBuf,
         name: String,

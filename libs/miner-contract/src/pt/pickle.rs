@@ -7,9 +7,7 @@
 //! `torch._utils._rebuild_parameter`, `collections.OrderedDict`, the dense `torch.*Storage`
 //! classes). Any other global is an error; nothing is ever called or imported.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
 
 use super::{DType, TensorMeta, contiguous_strides};
 
@@ -222,19 +220,48 @@ pub(crate) fn state_dict_pickle(metas: &[TensorMeta], wrap_model_state_dict: boo
 
 // ---------------------------------------------------------------------------------------------
 // Restricted unpickler
+//
+// Guards (a hostile `data.pkl` is the input):
+// * no recursion anywhere: the object graph is an arena of nodes addressed by index, so
+//   building, walking and dropping it are loops however deeply containers nest;
+// * no copy per memo lookup or `DUP`: both push the same index, the object is shared;
+// * every allocation is charged to a budget proportional to the pickle's length (see
+//   [`graph_budget`]), so a small pickle cannot make the reader allocate much;
+// * `data.pkl` itself is capped at [`MAX_PICKLE`].
+
+/// Largest `data.pkl` read. The biggest state dict a miner reads is the full
+/// DeepSeek-V2-Lite model (~5,200 tensors, about 250 pickle bytes each: ~1.3 MB); an expert
+/// group (<= 1,152 tensors) pickles to ~0.3 MB. 4 MiB leaves three times the headroom of the
+/// largest and bounds what a hostile pickle can make the reader allocate (see [`graph_budget`]).
+pub(crate) const MAX_PICKLE: u64 = 4 << 20;
+/// Memory the object graph may take per byte of pickle. A torch state dict needs about 5
+/// (a tensor's ~170 pickle bytes build ~900 bytes of nodes, tuples, memo and stack).
+const GRAPH_BYTES_PER_PICKLE_BYTE: usize = 10;
+/// Memory any pickle may take, however short.
+const GRAPH_BASE_BYTES: usize = 256 << 10;
+/// Most dimensions a tensor may have (torch itself caps at 64... and state dicts use <= 4).
+const MAX_DIMS: usize = 64;
+/// Longest storage key (torch writes decimal indices).
+const MAX_KEY_LEN: usize = 64;
+
+/// The allocation budget of the object graph of a pickle of `len` bytes.
+pub(crate) fn graph_budget(len: usize) -> usize {
+    GRAPH_BASE_BYTES.saturating_add(len.saturating_mul(GRAPH_BYTES_PER_PICKLE_BYTE))
+}
 
 /// A storage named by a persistent id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StorageRef {
     pub key: String,
     pub dtype: DType,
+    /// Elements, as the persistent id claims.
     pub numel: u64,
 }
 
 /// A tensor view on a storage, as `_rebuild_tensor_v2` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TensorRef {
-    pub storage: Rc<StorageRef>,
+    pub storage: StorageRef,
     /// In elements.
     pub offset: u64,
     pub shape: Vec<usize>,
@@ -250,41 +277,84 @@ pub(crate) enum Global {
     Storage(DType),
 }
 
-#[derive(Debug, Clone)]
-pub(crate) enum Value {
+/// A value on the stack, in the memo or inside a container: small values inline, everything
+/// else an index into the arena ([`Graph::nodes`]). Copying a `Val` shares the object.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Val {
     None,
     Bool(bool),
     Int(i64),
-    // Floats and bytes never matter to a state dict; their payload is parsed but unused.
-    Float(#[allow(dead_code)] f64),
-    Str(String),
-    Bytes(#[allow(dead_code)] Vec<u8>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<RefCell<Vec<Value>>>),
-    /// `dict` and `OrderedDict` (items in insertion order; a repeated key appears twice and the
-    /// later one wins).
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
+    /// Floats never matter to a state dict; the payload is skipped.
+    Float,
     Global(Global),
-    Storage(Rc<StorageRef>),
-    Tensor(Rc<TensorRef>),
+    Ref(u32),
 }
 
-impl Value {
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Value::None => "None",
-            Value::Bool(_) => "bool",
-            Value::Int(_) => "int",
-            Value::Float(_) => "float",
-            Value::Str(_) => "str",
-            Value::Bytes(_) => "bytes",
-            Value::Tuple(_) => "tuple",
-            Value::List(_) => "list",
-            Value::Dict(_) => "dict",
-            Value::Global(_) => "class/function",
-            Value::Storage(_) => "storage",
-            Value::Tensor(_) => "tensor",
+/// An object in the arena. Children are [`Val`]s, so dropping a node never recurses.
+#[derive(Debug)]
+pub(crate) enum Node {
+    Str(Box<str>),
+    /// Bytes never matter to a state dict; the payload is skipped.
+    Bytes,
+    Tuple(Box<[Val]>),
+    List(Vec<Val>),
+    /// `dict` and `OrderedDict` (items in insertion order; a repeated key appears twice and the
+    /// later one wins).
+    Dict(Vec<(Val, Val)>),
+    Storage(Box<StorageRef>),
+    Tensor(Box<TensorRef>),
+}
+
+/// An unpickled object: the arena and the root value.
+#[derive(Debug)]
+pub(crate) struct Graph {
+    nodes: Vec<Node>,
+    pub root: Val,
+}
+
+impl Graph {
+    pub(crate) fn node(&self, v: Val) -> Option<&Node> {
+        self.nodes.get(ref_index(v))
+    }
+
+    pub(crate) fn str(&self, v: Val) -> Option<&str> {
+        match self.node(v) {
+            Some(Node::Str(s)) => Some(s),
+            _ => None,
         }
+    }
+
+    pub(crate) fn kind(&self, v: Val) -> &'static str {
+        kind_of(&self.nodes, v)
+    }
+}
+
+/// The arena index of a reference (`usize::MAX`, never an index, for an inline value).
+fn ref_index(v: Val) -> usize {
+    match v {
+        Val::Ref(i) => i as usize,
+        _ => usize::MAX,
+    }
+}
+
+/// The Python type name of a value, for error messages.
+fn kind_of(nodes: &[Node], v: Val) -> &'static str {
+    match v {
+        Val::None => "None",
+        Val::Bool(_) => "bool",
+        Val::Int(_) => "int",
+        Val::Float => "float",
+        Val::Global(_) => "class/function",
+        Val::Ref(i) => match nodes.get(i as usize) {
+            Some(Node::Str(_)) => "str",
+            Some(Node::Bytes) => "bytes",
+            Some(Node::Tuple(_)) => "tuple",
+            Some(Node::List(_)) => "list",
+            Some(Node::Dict(_)) => "dict",
+            Some(Node::Storage(_)) => "storage",
+            Some(Node::Tensor(_)) => "tensor",
+            None => "dangling reference",
+        },
     }
 }
 
@@ -302,45 +372,82 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, UnpickleError> {
         ("collections", "OrderedDict") => Ok(Global::OrderedDict),
         ("torch", n) if n.ends_with("Storage") => DType::from_storage_class(n)
             .map(Global::Storage)
-            .ok_or_else(|| UnpickleError::UnknownStorage(format!("torch.{n}"))),
-        _ => Err(UnpickleError::Forbidden(format!("{module}.{name}"))),
+            .ok_or_else(|| UnpickleError::UnknownStorage(format!("torch.{}", clip(n)))),
+        _ => Err(UnpickleError::Forbidden(format!(
+            "{}.{}",
+            clip(module),
+            clip(name)
+        ))),
+    }
+}
+
+/// At most 200 characters of an untrusted string (for error messages).
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
+    nodes: Vec<Node>,
+    stack: Vec<Val>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: HashMap<u32, Val>,
+    /// Bytes of graph, stack and memo the pickle may still allocate.
+    budget: usize,
+    stack_high: usize,
+    marks_high: usize,
 }
 
 fn bad(msg: impl Into<String>) -> UnpickleError {
     UnpickleError::Bad(msg.into())
 }
 
-fn as_usize(v: &Value, what: &str) -> Result<usize, UnpickleError> {
+fn as_usize(v: Val, what: &str) -> Result<usize, UnpickleError> {
     match v {
-        Value::Int(i) if *i >= 0 => {
-            usize::try_from(*i).map_err(|_| bad(format!("{what} {i} too large")))
-        }
-        Value::Bool(b) => Ok(usize::from(*b)),
-        other => Err(bad(format!(
-            "{what} is a {} not a non-negative int",
-            other.kind()
-        ))),
-    }
-}
-
-fn int_tuple(v: &Value, what: &str) -> Result<Vec<usize>, UnpickleError> {
-    match v {
-        Value::Tuple(items) => items.iter().map(|x| as_usize(x, what)).collect(),
-        Value::List(items) => items.borrow().iter().map(|x| as_usize(x, what)).collect(),
-        other => Err(bad(format!("{what} is a {} not a tuple", other.kind()))),
+        Val::Int(i) if i >= 0 => usize::try_from(i).map_err(|_| bad(format!("{what} {i} too large"))),
+        Val::Bool(b) => Ok(usize::from(b)),
+        Val::Int(i) => Err(bad(format!("{what} {i} is negative"))),
+        _ => Err(bad(format!("{what} is not a non-negative int"))),
     }
 }
 
 impl<'a> Unpickler<'a> {
+    fn charge(&mut self, bytes: usize) -> Result<(), UnpickleError> {
+        self.budget = self.budget.checked_sub(bytes).ok_or_else(|| {
+            bad(format!(
+                "building its objects needs more than {} bytes of memory (the limit for a {}-byte pickle)",
+                graph_budget(self.data.len()),
+                self.data.len()
+            ))
+        })?;
+        Ok(())
+    }
+
+    fn alloc(&mut self, node: Node, payload: usize) -> Result<Val, UnpickleError> {
+        self.charge(std::mem::size_of::<Node>() + payload)?;
+        let i = u32::try_from(self.nodes.len()).map_err(|_| bad("too many objects"))?;
+        self.nodes.push(node);
+        Ok(Val::Ref(i))
+    }
+
+    fn push(&mut self, v: Val) -> Result<(), UnpickleError> {
+        if self.stack.len() >= self.stack_high {
+            self.charge(std::mem::size_of::<Val>())?;
+            self.stack_high = self.stack.len() + 1;
+        }
+        self.stack.push(v);
+        Ok(())
+    }
+
+    fn push_node(&mut self, node: Node, payload: usize) -> Result<(), UnpickleError> {
+        let v = self.alloc(node, payload)?;
+        self.push(v)
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], UnpickleError> {
         let end = self
             .pos
@@ -391,18 +498,31 @@ impl<'a> Unpickler<'a> {
             .ok_or_else(|| bad(format!("length {n} runs past the end of the pickle")))
     }
 
-    fn pop(&mut self) -> Result<Value, UnpickleError> {
+    fn pop(&mut self) -> Result<Val, UnpickleError> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err(bad("stack underflow (pop past a mark)"));
         }
         self.stack.pop().ok_or_else(|| bad("stack underflow"))
     }
 
-    fn top(&mut self) -> Result<&mut Value, UnpickleError> {
-        self.stack.last_mut().ok_or_else(|| bad("stack underflow"))
+    fn top(&self) -> Result<Val, UnpickleError> {
+        if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
+            return Err(bad("stack underflow (top past a mark)"));
+        }
+        self.stack.last().copied().ok_or_else(|| bad("stack underflow"))
     }
 
-    fn pop_mark(&mut self) -> Result<Vec<Value>, UnpickleError> {
+    fn push_mark(&mut self) -> Result<(), UnpickleError> {
+        if self.marks.len() >= self.marks_high {
+            self.charge(std::mem::size_of::<usize>())?;
+            self.marks_high = self.marks.len() + 1;
+        }
+        self.marks.push(self.stack.len());
+        Ok(())
+    }
+
+    /// Pops everything above the last mark (the items become a container's payload: charged).
+    fn pop_mark(&mut self) -> Result<Vec<Val>, UnpickleError> {
         let m = self
             .marks
             .pop()
@@ -410,6 +530,7 @@ impl<'a> Unpickler<'a> {
         if m > self.stack.len() {
             return Err(bad("mark above the stack"));
         }
+        self.charge((self.stack.len() - m) * std::mem::size_of::<Val>())?;
         Ok(self.stack.split_off(m))
     }
 
@@ -417,466 +538,539 @@ impl<'a> Unpickler<'a> {
         let v = self
             .stack
             .last()
-            .cloned()
+            .copied()
             .ok_or_else(|| bad("memoize on an empty stack"))?;
-        self.memo.insert(i, v);
+        if self.memo.insert(i, v).is_none() {
+            self.charge(32)?;
+        }
         Ok(())
     }
 
     fn memo_get(&mut self, i: u32) -> Result<(), UnpickleError> {
-        let v = self
+        let v = *self
             .memo
             .get(&i)
-            .cloned()
             .ok_or_else(|| bad(format!("memo key {i} not defined")))?;
-        self.stack.push(v);
-        Ok(())
+        self.push(v)
     }
 
-    fn set_items(dict: &Value, items: Vec<Value>) -> Result<(), UnpickleError> {
-        let Value::Dict(d) = dict else {
-            return Err(bad(format!("SETITEM(S) on a {}", dict.kind())));
-        };
+    fn node_mut(&mut self, v: Val) -> Option<&mut Node> {
+        match v {
+            Val::Ref(i) => self.nodes.get_mut(i as usize),
+            _ => None,
+        }
+    }
+
+    fn kind(&self, v: Val) -> &'static str {
+        kind_of(&self.nodes, v)
+    }
+
+    fn set_items(&mut self, dict: Val, items: Vec<Val>) -> Result<(), UnpickleError> {
         if !items.len().is_multiple_of(2) {
             return Err(bad("SETITEMS with an odd number of items"));
         }
-        let mut d = d.borrow_mut();
-        let mut it = items.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            d.push((k, v));
-        }
+        // The pairs take twice the room of the popped values' share of a (key, value) tuple.
+        self.charge(items.len() * std::mem::size_of::<Val>())?;
+        let kind = self.kind(dict);
+        let Some(Node::Dict(d)) = self.node_mut(dict) else {
+            return Err(bad(format!("SETITEM(S) on a {kind}")));
+        };
+        d.extend(items.chunks_exact(2).map(|kv| (kv[0], kv[1])));
         Ok(())
     }
 
-    fn reduce(&mut self, func: Value, args: Value) -> Result<Value, UnpickleError> {
-        let Value::Tuple(args) = args else {
+    fn append(&mut self, list: Val, items: Vec<Val>) -> Result<(), UnpickleError> {
+        let kind = self.kind(list);
+        let Some(Node::List(l)) = self.node_mut(list) else {
+            return Err(bad(format!("APPEND to a {kind}")));
+        };
+        l.extend(items);
+        Ok(())
+    }
+
+    fn tuple_items(&self, v: Val, what: &str) -> Result<&[Val], UnpickleError> {
+        match self.nodes.get(ref_index(v)) {
+            Some(Node::Tuple(t)) => Ok(t),
+            Some(Node::List(l)) => Ok(l),
+            _ => Err(bad(format!("{what} is a {} not a tuple", self.kind(v)))),
+        }
+    }
+
+    fn int_tuple(&mut self, v: Val, what: &str) -> Result<Vec<usize>, UnpickleError> {
+        let items = self.tuple_items(v, what)?;
+        if items.len() > MAX_DIMS {
+            return Err(bad(format!("{what} has {} dimensions", items.len())));
+        }
+        let out = items
+            .iter()
+            .map(|&x| as_usize(x, what))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.charge(out.len() * std::mem::size_of::<usize>())?;
+        Ok(out)
+    }
+
+    fn reduce(&mut self, func: Val, args: Val) -> Result<Val, UnpickleError> {
+        let Some(Node::Tuple(_)) = self.nodes.get(ref_index(args)) else {
             return Err(bad(format!(
                 "REDUCE arguments are a {} not a tuple",
-                args.kind()
+                self.kind(args)
             )));
         };
         match func {
-            Value::Global(Global::OrderedDict) => {
-                let d = Value::Dict(Rc::new(RefCell::new(Vec::new())));
-                match args.as_slice() {
-                    [] => {}
-                    [Value::List(pairs)] => {
-                        for p in pairs.borrow().iter() {
-                            let (k, v) = match p {
-                                Value::Tuple(kv) if kv.len() == 2 => (kv[0].clone(), kv[1].clone()),
-                                _ => return Err(bad("OrderedDict item is not a pair")),
-                            };
-                            Self::set_items(&d, vec![k, v])?;
-                        }
+            Val::Global(Global::OrderedDict) => self.ordered_dict(args),
+            Val::Global(Global::RebuildTensorV2) => self.rebuild_tensor(args),
+            Val::Global(Global::RebuildParameter) => {
+                let a = self.tuple_items(args, "arguments")?;
+                match a {
+                    [t, _, _] if matches!(self.nodes.get(ref_index(*t)), Some(Node::Tensor(_))) => {
+                        Ok(*t)
                     }
-                    _ => return Err(bad("OrderedDict called with unexpected arguments")),
+                    _ => Err(bad(
+                        "_rebuild_parameter expects (tensor, requires_grad, hooks)",
+                    )),
                 }
-                Ok(d)
             }
-            Value::Global(Global::RebuildTensorV2) => {
-                if args.len() != 6 && args.len() != 7 {
-                    return Err(bad(format!(
-                        "_rebuild_tensor_v2 takes 6 or 7 arguments, got {}",
-                        args.len()
-                    )));
-                }
-                let Value::Storage(storage) = &args[0] else {
-                    return Err(bad(format!(
-                        "_rebuild_tensor_v2 storage is a {}",
-                        args[0].kind()
-                    )));
-                };
-                let offset = as_usize(&args[1], "storage offset")? as u64;
-                let shape = int_tuple(&args[2], "size")?;
-                let stride = int_tuple(&args[3], "stride")?;
-                if shape.len() != stride.len() {
-                    return Err(bad(format!(
-                        "size has {} dims but stride has {}",
-                        shape.len(),
-                        stride.len()
-                    )));
-                }
-                Ok(Value::Tensor(Rc::new(TensorRef {
-                    storage: storage.clone(),
-                    offset,
-                    shape,
-                    stride,
-                })))
-            }
-            Value::Global(Global::RebuildParameter) => match args.first() {
-                Some(t @ Value::Tensor(_)) if args.len() == 3 => Ok(t.clone()),
-                _ => Err(bad(
-                    "_rebuild_parameter expects (tensor, requires_grad, hooks)",
-                )),
-            },
-            Value::Global(Global::Storage(d)) => Err(bad(format!(
+            Val::Global(Global::Storage(d)) => Err(bad(format!(
                 "storage class {} called directly",
                 d.storage_class()
             ))),
-            other => Err(bad(format!("REDUCE on a {}", other.kind()))),
+            other => Err(bad(format!("REDUCE on a {}", self.kind(other)))),
         }
     }
 
-    fn persistent_load(pid: Value) -> Result<Value, UnpickleError> {
-        let Value::Tuple(t) = pid else {
+    /// `OrderedDict()` or `OrderedDict([(k, v), ...])`.
+    fn ordered_dict(&mut self, args: Val) -> Result<Val, UnpickleError> {
+        let pairs = match self.tuple_items(args, "arguments")? {
+            [] => Vec::new(),
+            [list] => {
+                let Some(Node::List(items)) = self.nodes.get(ref_index(*list)) else {
+                    return Err(bad("OrderedDict called with unexpected arguments"));
+                };
+                let mut pairs = Vec::new();
+                for &p in items {
+                    match self.nodes.get(ref_index(p)) {
+                        Some(Node::Tuple(kv)) if kv.len() == 2 => pairs.push((kv[0], kv[1])),
+                        _ => return Err(bad("OrderedDict item is not a pair")),
+                    }
+                }
+                pairs
+            }
+            _ => return Err(bad("OrderedDict called with unexpected arguments")),
+        };
+        let payload = pairs.len() * 2 * std::mem::size_of::<Val>();
+        self.alloc(Node::Dict(pairs), payload)
+    }
+
+    fn rebuild_tensor(&mut self, args: Val) -> Result<Val, UnpickleError> {
+        let a = self.tuple_items(args, "arguments")?;
+        if a.len() != 6 && a.len() != 7 {
             return Err(bad(format!(
-                "persistent id is a {} not a tuple",
-                pid.kind()
+                "_rebuild_tensor_v2 takes 6 or 7 arguments, got {}",
+                a.len()
+            )));
+        }
+        let (storage, offset, size, stride) = (a[0], a[1], a[2], a[3]);
+        let Some(Node::Storage(s)) = self.nodes.get(ref_index(storage)) else {
+            return Err(bad(format!(
+                "_rebuild_tensor_v2 storage is a {}",
+                self.kind(storage)
             )));
         };
-        match t.as_slice() {
-            [Value::Str(tag), cls, key, _location, numel] if tag == "storage" => {
-                let dtype = match cls {
-                    Value::Global(Global::Storage(d)) => *d,
-                    other => {
-                        return Err(bad(format!(
-                            "persistent storage type is a {}",
-                            other.kind()
-                        )));
-                    }
-                };
-                let key = match key {
-                    Value::Str(s) => s.clone(),
-                    Value::Int(i) => i.to_string(),
-                    other => return Err(bad(format!("storage key is a {}", other.kind()))),
-                };
-                if key.is_empty() || key.contains('/') || key.contains("..") {
-                    return Err(bad(format!("storage key {key:?} is not a record name")));
-                }
-                let numel = as_usize(numel, "storage size")? as u64;
-                Ok(Value::Storage(Rc::new(StorageRef { key, dtype, numel })))
+        let storage = (**s).clone();
+        let offset = as_usize(offset, "storage offset")? as u64;
+        let shape = self.int_tuple(size, "size")?;
+        let stride = self.int_tuple(stride, "stride")?;
+        if shape.len() != stride.len() {
+            return Err(bad(format!(
+                "size has {} dims but stride has {}",
+                shape.len(),
+                stride.len()
+            )));
+        }
+        let payload = std::mem::size_of::<TensorRef>() + storage.key.len();
+        self.alloc(
+            Node::Tensor(Box::new(TensorRef {
+                storage,
+                offset,
+                shape,
+                stride,
+            })),
+            payload,
+        )
+    }
+
+    fn persistent_load(&mut self, pid: Val) -> Result<Val, UnpickleError> {
+        let t = match self.nodes.get(ref_index(pid)) {
+            Some(Node::Tuple(t)) => t,
+            _ => {
+                return Err(bad(format!(
+                    "persistent id is a {} not a tuple",
+                    self.kind(pid)
+                )));
             }
-            _ => Err(bad(
+        };
+        let [tag, cls, key, _location, numel] = **t else {
+            return Err(bad(
                 "persistent id is not ('storage', type, key, location, numel)",
-            )),
+            ));
+        };
+        if self.str_of(tag) != Some("storage") {
+            return Err(bad(
+                "persistent id is not ('storage', type, key, location, numel)",
+            ));
+        }
+        let Val::Global(Global::Storage(dtype)) = cls else {
+            return Err(bad(format!(
+                "persistent storage type is a {}",
+                self.kind(cls)
+            )));
+        };
+        let key = match (key, self.str_of(key)) {
+            (_, Some(s)) => s.to_string(),
+            (Val::Int(i), None) => i.to_string(),
+            (other, None) => return Err(bad(format!("storage key is a {}", self.kind(other)))),
+        };
+        if key.is_empty()
+            || key.len() > MAX_KEY_LEN
+            || !key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        {
+            return Err(bad(format!(
+                "storage key {:?} is not a record name",
+                clip(&key)
+            )));
+        }
+        let numel = as_usize(numel, "storage size")? as u64;
+        let payload = std::mem::size_of::<StorageRef>() + key.len();
+        self.alloc(
+            Node::Storage(Box::new(StorageRef { key, dtype, numel })),
+            payload,
+        )
+    }
+
+    fn str_of(&self, v: Val) -> Option<&str> {
+        match self.nodes.get(ref_index(v)) {
+            Some(Node::Str(s)) => Some(s),
+            _ => None,
         }
     }
 
-    fn run(mut self) -> Result<Value, UnpickleError> {
+    /// Opcodes that push a literal. Returns `false` for an opcode that is not one.
+    fn literal(&mut self, op: u8) -> Result<bool, UnpickleError> {
+        let v = match op {
+            b'N' => Val::None,
+            NEWTRUE => Val::Bool(true),
+            NEWFALSE => Val::Bool(false),
+            BININT => Val::Int(i64::from(self.u32()? as i32)),
+            BININT1 => Val::Int(i64::from(self.u8()?)),
+            BININT2 => {
+                let b = self.take(2)?;
+                Val::Int(i64::from(u16::from_le_bytes([b[0], b[1]])))
+            }
+            LONG1 | 0x8b => {
+                let n = if op == LONG1 {
+                    u64::from(self.u8()?)
+                } else {
+                    u64::from(self.u32()?)
+                };
+                let n = self.len_arg(n)?;
+                if n > 8 {
+                    return Err(bad(format!("integer of {n} bytes is too large")));
+                }
+                let b = self.take(n)?;
+                let mut a = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+                    [0xffu8; 8]
+                } else {
+                    [0u8; 8]
+                };
+                a[..n].copy_from_slice(b);
+                Val::Int(i64::from_le_bytes(a))
+            }
+            b'I' => {
+                let s = self.line()?;
+                match s {
+                    "00" => Val::Bool(false),
+                    "01" => Val::Bool(true),
+                    _ => Val::Int(
+                        s.trim()
+                            .parse()
+                            .map_err(|_| bad(format!("bad INT {:?}", clip(s))))?,
+                    ),
+                }
+            }
+            b'G' => {
+                self.take(8)?;
+                Val::Float
+            }
+            GLOBAL => {
+                let module = self.line()?;
+                let name = self.line()?;
+                Val::Global(resolve_global(module, name)?)
+            }
+            _ => return Ok(false),
+        };
+        self.push(v)?;
+        Ok(true)
+    }
+
+    /// Opcodes that push a string or bytes. Returns `false` for an opcode that is not one.
+    fn text(&mut self, op: u8) -> Result<bool, UnpickleError> {
+        match op {
+            BINUNICODE | 0x8c | 0x8d => {
+                let n = match op {
+                    BINUNICODE => u64::from(self.u32()?),
+                    0x8c => u64::from(self.u8()?),
+                    _ => self.u64()?,
+                };
+                let n = self.len_arg(n)?;
+                let s =
+                    std::str::from_utf8(self.take(n)?).map_err(|_| bad("string is not UTF-8"))?;
+                self.push_node(Node::Str(s.into()), n)?;
+            }
+            b'U' | b'T' => {
+                let n = if op == b'U' {
+                    u64::from(self.u8()?)
+                } else {
+                    u64::from(self.u32()?)
+                };
+                let n = self.len_arg(n)?;
+                let s: String = self.take(n)?.iter().map(|&c| char::from(c)).collect();
+                let len = s.len();
+                self.push_node(Node::Str(s.into()), len)?;
+            }
+            b'C' | b'B' | 0x8e => {
+                let n = match op {
+                    b'C' => u64::from(self.u8()?),
+                    b'B' => u64::from(self.u32()?),
+                    _ => self.u64()?,
+                };
+                let n = self.len_arg(n)?;
+                self.take(n)?;
+                self.push_node(Node::Bytes, 0)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Opcodes that build or fill containers. Returns `false` for an opcode that is not one.
+    fn container(&mut self, op: u8) -> Result<bool, UnpickleError> {
+        match op {
+            EMPTY_TUPLE => self.push_node(Node::Tuple(Box::new([])), 0)?,
+            TUPLE => {
+                let items = self.pop_mark()?;
+                self.push_node(Node::Tuple(items.into_boxed_slice()), 0)?;
+            }
+            TUPLE1 | TUPLE2 | TUPLE3 => {
+                let n = usize::from(op - TUPLE1 + 1);
+                let mut items = vec![Val::None; n];
+                for slot in items.iter_mut().rev() {
+                    *slot = self.pop()?;
+                }
+                self.push_node(Node::Tuple(items.into_boxed_slice()), n * 16)?;
+            }
+            b']' => self.push_node(Node::List(Vec::new()), 0)?,
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.push_node(Node::List(items), 0)?;
+            }
+            b'a' | b'e' => {
+                let items = if op == b'a' {
+                    self.charge(std::mem::size_of::<Val>())?;
+                    vec![self.pop()?]
+                } else {
+                    self.pop_mark()?
+                };
+                let list = self.top()?;
+                self.append(list, items)?;
+            }
+            EMPTY_DICT => self.push_node(Node::Dict(Vec::new()), 0)?,
+            b'd' => {
+                let items = self.pop_mark()?;
+                let d = self.alloc(Node::Dict(Vec::new()), 0)?;
+                self.set_items(d, items)?;
+                self.push(d)?;
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                self.charge(2 * std::mem::size_of::<Val>())?;
+                let d = self.top()?;
+                self.set_items(d, vec![k, v])?;
+            }
+            SETITEMS => {
+                let items = self.pop_mark()?;
+                let d = self.top()?;
+                self.set_items(d, items)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Memo opcodes. Returns `false` for an opcode that is not one.
+    fn memo_op(&mut self, op: u8) -> Result<bool, UnpickleError> {
+        match op {
+            BINPUT => {
+                let i = u32::from(self.u8()?);
+                self.memo_put(i)?;
+            }
+            LONG_BINPUT => {
+                let i = self.u32()?;
+                self.memo_put(i)?;
+            }
+            0x94 => {
+                let i = u32::try_from(self.memo.len()).map_err(|_| bad("memo overflow"))?;
+                self.memo_put(i)?;
+            }
+            b'p' => {
+                let s = self.line()?;
+                let i = s
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("bad PUT {:?}", clip(s))))?;
+                self.memo_put(i)?;
+            }
+            BINGET => {
+                let i = u32::from(self.u8()?);
+                self.memo_get(i)?;
+            }
+            LONG_BINGET => {
+                let i = self.u32()?;
+                self.memo_get(i)?;
+            }
+            b'g' => {
+                let s = self.line()?;
+                let i = s
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("bad GET {:?}", clip(s))))?;
+                self.memo_get(i)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Stack, call and persistent-id opcodes. Returns `false` for an opcode that is not one.
+    fn other(&mut self, op: u8) -> Result<bool, UnpickleError> {
+        match op {
+            PROTO => {
+                let v = self.u8()?;
+                if v > 5 {
+                    return Err(bad(format!("unsupported protocol {v}")));
+                }
+            }
+            // FRAME: just a length hint.
+            0x95 => {
+                self.u64()?;
+            }
+            MARK => self.push_mark()?,
+            b'0' => {
+                self.pop()?;
+            }
+            b'1' => {
+                self.pop_mark()?;
+            }
+            b'2' => {
+                let v = self.top()?;
+                self.push(v)?;
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Some(module), Some(name)) = (self.str_of(module), self.str_of(name)) else {
+                    return Err(bad("STACK_GLOBAL operands are not strings"));
+                };
+                let g = resolve_global(module, name)?;
+                self.push(Val::Global(g))?;
+            }
+            REDUCE => {
+                let args = self.pop()?;
+                let func = self.pop()?;
+                let v = self.reduce(func, args)?;
+                self.push(v)?;
+            }
+            b'b' => {
+                // BUILD: state for an OrderedDict (`_metadata`) or a tensor; ignored.
+                self.pop()?;
+                let top = self.top()?;
+                if !matches!(
+                    self.nodes.get(ref_index(top)),
+                    Some(Node::Dict(_) | Node::Tensor(_))
+                ) {
+                    return Err(bad(format!("BUILD on a {}", self.kind(top))));
+                }
+            }
+            BINPERSID => {
+                let pid = self.pop()?;
+                let v = self.persistent_load(pid)?;
+                self.push(v)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn run(mut self) -> Result<Graph, UnpickleError> {
         loop {
             let at = self.pos;
             let op = self.u8().map_err(|_| bad("ends without STOP"))?;
-            match op {
-                PROTO => {
-                    let v = self.u8()?;
-                    if v > 5 {
-                        return Err(bad(format!("unsupported protocol {v}")));
-                    }
+            if op == STOP {
+                let root = self.pop()?;
+                if !self.stack.is_empty() || !self.marks.is_empty() {
+                    return Err(bad("STOP with values left on the stack"));
                 }
-                0x95 => {
-                    // FRAME: just a length hint.
-                    self.u64()?;
-                }
-                STOP => {
-                    let v = self.pop()?;
-                    if !self.stack.is_empty() || !self.marks.is_empty() {
-                        return Err(bad("STOP with values left on the stack"));
-                    }
-                    return Ok(v);
-                }
-                MARK => self.marks.push(self.stack.len()),
-                b'0' => {
-                    self.pop()?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v);
-                }
-                b'N' => self.stack.push(Value::None),
-                NEWTRUE => self.stack.push(Value::Bool(true)),
-                NEWFALSE => self.stack.push(Value::Bool(false)),
-                BININT => {
-                    let v = self.u32()? as i32;
-                    self.stack.push(Value::Int(i64::from(v)));
-                }
-                BININT1 => {
-                    let v = self.u8()?;
-                    self.stack.push(Value::Int(i64::from(v)));
-                }
-                BININT2 => {
-                    let b = self.take(2)?;
-                    self.stack
-                        .push(Value::Int(i64::from(u16::from_le_bytes([b[0], b[1]]))));
-                }
-                LONG1 | 0x8b => {
-                    let n = if op == LONG1 {
-                        u64::from(self.u8()?)
-                    } else {
-                        u64::from(self.u32()?)
-                    };
-                    let n = self.len_arg(n)?;
-                    let b = self.take(n)?;
-                    if n > 8 {
-                        return Err(bad(format!("integer of {n} bytes is too large")));
-                    }
-                    let mut a = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        [0xffu8; 8]
-                    } else {
-                        [0u8; 8]
-                    };
-                    a[..n].copy_from_slice(b);
-                    self.stack.push(Value::Int(i64::from_le_bytes(a)));
-                }
-                b'I' => {
-                    let s = self.line()?;
-                    let v = match s {
-                        "00" => Value::Bool(false),
-                        "01" => Value::Bool(true),
-                        _ => Value::Int(
-                            s.trim()
-                                .parse()
-                                .map_err(|_| bad(format!("bad INT {s:?}")))?,
-                        ),
-                    };
-                    self.stack.push(v);
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    self.stack.push(Value::Float(f64::from_be_bytes(a)));
-                }
-                BINUNICODE | 0x8c | 0x8d => {
-                    let n = match op {
-                        BINUNICODE => u64::from(self.u32()?),
-                        0x8c => u64::from(self.u8()?),
-                        _ => self.u64()?,
-                    };
-                    let n = self.len_arg(n)?;
-                    let s = std::str::from_utf8(self.take(n)?)
-                        .map_err(|_| bad("string is not UTF-8"))?;
-                    self.stack.push(Value::Str(s.to_string()));
-                }
-                b'U' | b'T' => {
-                    let n = if op == b'U' {
-                        u64::from(self.u8()?)
-                    } else {
-                        u64::from(self.u32()?)
-                    };
-                    let n = self.len_arg(n)?;
-                    let s: String = self.take(n)?.iter().map(|&c| char::from(c)).collect();
-                    self.stack.push(Value::Str(s));
-                }
-                b'C' | b'B' | 0x8e => {
-                    let n = match op {
-                        b'C' => u64::from(self.u8()?),
-                        b'B' => u64::from(self.u32()?),
-                        _ => self.u64()?,
-                    };
-                    let n = self.len_arg(n)?;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
-                }
-                EMPTY_TUPLE => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
-                TUPLE => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
-                }
-                TUPLE1 | TUPLE2 | TUPLE3 => {
-                    let n = usize::from(op - TUPLE1 + 1);
-                    let mut items = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        items.push(self.pop()?);
-                    }
-                    items.reverse();
-                    self.stack.push(Value::Tuple(Rc::new(items)));
-                }
-                b']' => self
-                    .stack
-                    .push(Value::List(Rc::new(RefCell::new(Vec::new())))),
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
-                }
-                b'a' | b'e' => {
-                    let items = if op == b'a' {
-                        vec![self.pop()?]
-                    } else {
-                        self.pop_mark()?
-                    };
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().extend(items),
-                        other => return Err(bad(format!("APPEND to a {}", other.kind()))),
-                    }
-                }
-                EMPTY_DICT => self
-                    .stack
-                    .push(Value::Dict(Rc::new(RefCell::new(Vec::new())))),
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let d = Value::Dict(Rc::new(RefCell::new(Vec::new())));
-                    Self::set_items(&d, items)?;
-                    self.stack.push(d);
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    let d = self.top()?.clone();
-                    Self::set_items(&d, vec![k, v])?;
-                }
-                SETITEMS => {
-                    let items = self.pop_mark()?;
-                    let d = self.top()?.clone();
-                    Self::set_items(&d, items)?;
-                }
-                GLOBAL => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    let g = resolve_global(module, name)?;
-                    self.stack.push(Value::Global(g));
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
-                        return Err(bad("STACK_GLOBAL operands are not strings"));
-                    };
-                    let g = resolve_global(&module, &name)?;
-                    self.stack.push(Value::Global(g));
-                }
-                REDUCE => {
-                    let args = self.pop()?;
-                    let func = self.pop()?;
-                    let v = self.reduce(func, args)?;
-                    self.stack.push(v);
-                }
-                b'b' => {
-                    // BUILD: state for an OrderedDict (`_metadata`) or a tensor; ignored.
-                    let _state = self.pop()?;
-                    match self.top()? {
-                        Value::Dict(_) | Value::Tensor(_) => {}
-                        other => return Err(bad(format!("BUILD on a {}", other.kind()))),
-                    }
-                }
-                BINPERSID => {
-                    let pid = self.pop()?;
-                    let v = Self::persistent_load(pid)?;
-                    self.stack.push(v);
-                }
-                BINPUT => {
-                    let i = u32::from(self.u8()?);
-                    self.memo_put(i)?;
-                }
-                LONG_BINPUT => {
-                    let i = self.u32()?;
-                    self.memo_put(i)?;
-                }
-                0x94 => {
-                    let i = self.memo.len() as u32;
-                    self.memo_put(i)?;
-                }
-                b'p' => {
-                    let s = self.line()?;
-                    let i = s
-                        .trim()
-                        .parse()
-                        .map_err(|_| bad(format!("bad PUT {s:?}")))?;
-                    self.memo_put(i)?;
-                }
-                BINGET => {
-                    let i = u32::from(self.u8()?);
-                    self.memo_get(i)?;
-                }
-                LONG_BINGET => {
-                    let i = self.u32()?;
-                    self.memo_get(i)?;
-                }
-                b'g' => {
-                    let s = self.line()?;
-                    let i = s
-                        .trim()
-                        .parse()
-                        .map_err(|_| bad(format!("bad GET {s:?}")))?;
-                    self.memo_get(i)?;
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unsupported opcode 0x{other:02x} at offset {at}"
-                    )));
-                }
+                return Ok(Graph {
+                    nodes: self.nodes,
+                    root,
+                });
+            }
+            let known = self.literal(op)?
+                || self.text(op)?
+                || self.container(op)?
+                || self.memo_op(op)?
+                || self.other(op)?;
+            if !known {
+                return Err(bad(format!(
+                    "unsupported opcode 0x{op:02x} at offset {at}"
+                )));
             }
         }
     }
 }
 
 /// Unpickles `data` with the restricted unpickler.
-/// The object graph is torn down by [`dismantle`] when this is dropped.
-pub(crate) fn unpickle(data: &[u8]) -> Result<Unpickled, UnpickleError> {
+pub(crate) fn unpickle(data: &[u8]) -> Result<Graph, UnpickleError> {
+    if data.len() as u64 > MAX_PICKLE {
+        return Err(bad(format!(
+            "data.pkl is {} bytes; state dicts pickle to far less than the {MAX_PICKLE}-byte limit",
+            data.len()
+        )));
+    }
     Unpickler {
         data,
         pos: 0,
+        nodes: Vec::new(),
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        budget: graph_budget(data.len()),
+        stack_high: 0,
+        marks_high: 0,
     }
     .run()
-    .map(Unpickled)
-}
-
-/// An unpickled object whose drop cannot overflow the stack however deeply it nests.
-#[derive(Debug)]
-pub(crate) struct Unpickled(pub Value);
-
-impl std::ops::Deref for Unpickled {
-    type Target = Value;
-    fn deref(&self) -> &Value {
-        &self.0
-    }
-}
-
-impl Drop for Unpickled {
-    fn drop(&mut self) {
-        dismantle(std::mem::replace(&mut self.0, Value::None));
-    }
-}
-
-impl Drop for Unpickler<'_> {
-    fn drop(&mut self) {
-        for v in self.stack.drain(..) {
-            dismantle(v);
-        }
-        for (_, v) in self.memo.drain() {
-            dismantle(v);
-        }
-    }
-}
-
-/// Drops a value without recursion: a hostile pickle can nest containers millions deep (two
-/// bytes per level), and the derived recursive drop would overflow the stack.
-pub(crate) fn dismantle(root: Value) {
-    let mut work = vec![root];
-    while let Some(v) = work.pop() {
-        match v {
-            // Only the last owner takes the children apart; other owners just decrement.
-            Value::Tuple(rc) => {
-                if let Ok(items) = Rc::try_unwrap(rc) {
-                    work.extend(items);
-                }
-            }
-            Value::List(rc) => {
-                if let Ok(items) = Rc::try_unwrap(rc) {
-                    work.extend(items.into_inner());
-                }
-            }
-            Value::Dict(rc) => {
-                if let Ok(items) = Rc::try_unwrap(rc) {
-                    for (k, v) in items.into_inner() {
-                        work.push(k);
-                        work.push(v);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dict_items(g: &Graph, v: Val) -> &[(Val, Val)] {
+        match g.node(v) {
+            Some(Node::Dict(d)) => d,
+            _ => panic!("not a dict: {}", g.kind(v)),
+        }
+    }
 
     #[test]
     fn writer_output_reads_back() {
@@ -886,18 +1080,12 @@ mod tests {
             TensorMeta::new("c", DType::F32, vec![3, 0, 5, 70_000]),
         ];
         let p = state_dict_pickle(&metas, true);
-        let v = unpickle(&p).unwrap();
-        let Value::Dict(top) = &*v else {
-            panic!("not a dict")
-        };
-        let top = top.borrow();
+        let g = unpickle(&p).unwrap();
+        let top = dict_items(&g, g.root);
         assert_eq!(top.len(), 1);
-        let Value::Dict(sd) = &top[0].1 else {
-            panic!("inner not a dict")
-        };
-        let sd = sd.borrow();
+        let sd = dict_items(&g, top[0].1);
         assert_eq!(sd.len(), 3);
-        let Value::Tensor(c) = &sd[2].1 else {
+        let Some(Node::Tensor(c)) = g.node(sd[2].1) else {
             panic!("not a tensor")
         };
         assert_eq!(c.shape, vec![3, 0, 5, 70_000]);
@@ -998,21 +1186,92 @@ mod tests {
         );
     }
 
+    /// Ok, or refused for its memory: never a crash.
+    fn ok_or_over_budget(p: &[u8]) -> bool {
+        match unpickle(p) {
+            Ok(_) => true,
+            Err(UnpickleError::Bad(m)) => {
+                assert!(m.contains("bytes of memory"), "{m}");
+                false
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
     #[test]
     fn deeply_nested_containers_do_not_overflow_the_stack() {
-        let depth = 1_000_000;
+        for depth in [10_000, 1_000_000] {
+            let mut p = vec![PROTO, 2, BININT1, 0];
+            p.extend(std::iter::repeat_n(TUPLE1, depth));
+            p.push(STOP);
+            ok_or_over_budget(&p);
+            // Lists nested by APPEND, then discarded with POP.
+            let mut p = vec![PROTO, 2];
+            p.extend(std::iter::repeat_n(b']', depth));
+            p.extend(std::iter::repeat_n(b'a', depth - 1));
+            p.extend_from_slice(&[b'0', b'N', STOP]);
+            ok_or_over_budget(&p);
+            // Left on the stack by an error.
+            let mut p = vec![PROTO, 2];
+            p.extend(std::iter::repeat_n(b']', depth / 2));
+            p.extend(std::iter::repeat_n(b'a', depth / 2 - 1));
+            p.push(0xff);
+            assert!(matches!(unpickle(&p), Err(UnpickleError::Bad(_))));
+            // Dicts nested by SETITEM.
+            let mut p = vec![PROTO, 2];
+            for _ in 0..depth / 3 {
+                p.extend_from_slice(&[EMPTY_DICT, b'N']);
+            }
+            p.extend_from_slice(&[EMPTY_DICT]);
+            p.extend(std::iter::repeat_n(b's', depth / 3));
+            p.push(STOP);
+            ok_or_over_budget(&p);
+        }
+        // 10k levels fit the budget of a pickle that size.
         let mut p = vec![PROTO, 2, BININT1, 0];
-        p.extend(std::iter::repeat_n(TUPLE1, depth));
+        p.extend(std::iter::repeat_n(TUPLE1, 5_000));
         p.push(STOP);
-        let v = unpickle(&p).unwrap();
-        assert_eq!(v.kind(), "tuple");
-        drop(v);
-        // Lists nested by APPEND, left on the stack by an error.
-        let mut p = vec![PROTO, 2];
-        p.extend(std::iter::repeat_n(b']', depth / 2));
-        p.extend(std::iter::repeat_n(b'a', depth / 2 - 1));
-        p.push(0xff);
-        assert!(matches!(unpickle(&p), Err(UnpickleError::Bad(_))));
+        assert!(ok_or_over_budget(&p));
+    }
+
+    #[test]
+    fn memo_and_dup_share_instead_of_copying() {
+        // A 1 MB string fetched 100k times (each BINGET would copy 1 MB if it copied).
+        let mut p = vec![PROTO, 2, b']', BINUNICODE];
+        p.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        p.extend(std::iter::repeat_n(b'x', 1 << 20));
+        p.extend_from_slice(&[BINPUT, 0, b'0']);
+        for _ in 0..100_000 {
+            p.extend_from_slice(&[BINGET, 0, b'a']);
+        }
+        p.push(STOP);
+        let g = unpickle(&p).unwrap();
+        assert_eq!(g.kind(g.root), "list");
+        // DUP chains.
+        let mut p = vec![PROTO, 2, b'N'];
+        p.extend(std::iter::repeat_n(b'2', 200_000));
+        p.push(b'1');
+        assert!(unpickle(&p).is_err());
+    }
+
+    #[test]
+    fn amplification_beyond_the_budget_is_refused() {
+        // OrderedDict(pairs) rebuilt from the same 10k-pair list over and over copies the pairs.
+        let mut p = vec![PROTO, 2, GLOBAL];
+        p.extend_from_slice(b"collections\nOrderedDict\n");
+        p.extend_from_slice(&[BINPUT, 0, b'0', b']']);
+        p.extend_from_slice(&[b'N', b'N', TUPLE2, BINPUT, 1, b'0', MARK]);
+        p.extend(std::iter::repeat_n([BINGET, 1], 10_000).flatten());
+        p.extend_from_slice(&[b'e', BINPUT, 2, b'0']);
+        for _ in 0..20_000 {
+            p.extend_from_slice(&[BINGET, 0, BINGET, 2, TUPLE1, REDUCE, b'0']);
+        }
+        p.extend_from_slice(&[b'N', STOP]);
+        let e = unpickle(&p).unwrap_err();
+        assert!(
+            matches!(&e, UnpickleError::Bad(m) if m.contains("bytes of memory")),
+            "{e:?}"
+        );
     }
 
     #[test]

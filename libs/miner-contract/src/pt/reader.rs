@@ -3,15 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
-use super::pickle::{self, TensorRef, UnpickleError, Value};
+use super::pickle::{self, Graph, MAX_PICKLE, Node, TensorRef, UnpickleError};
 use super::zip::{ZipIndex, read_at};
-use super::{DType, PtError, Tensor, TensorMeta, io_err, numel_of};
+use super::{Expected, PtError, Tensor, TensorMeta, io_err, numel_of};
 use crate::hash::{ModelHash, ModelHasher};
 
-/// `data.pkl` larger than this is not a state dict we wrote or will ever read.
-const MAX_PICKLE: u64 = 512 << 20;
 /// Chunk size when streaming a contiguous tensor into the hasher.
 const HASH_CHUNK: usize = 8 << 20;
 
@@ -69,64 +66,33 @@ impl PtReader {
             .find("data.pkl")
             .ok_or_else(|| PtError::NotACheckpoint {
                 path: path.to_path_buf(),
-                detail: format!("archive {}/ has no data.pkl record", index.root),
+                detail: format!("archive {}/ has no data.pkl record", clip(&index.root)),
             })?;
         if pkl_entry.size > MAX_PICKLE {
             return Err(PtError::BadPickle {
                 path: path.to_path_buf(),
-                detail: format!("data.pkl is {} bytes", pkl_entry.size),
+                detail: format!(
+                    "data.pkl is {} bytes (state dicts pickle to far less than the {MAX_PICKLE}-byte limit)",
+                    pkl_entry.size
+                ),
             });
         }
-        let start = index.data_offset(&file, path, pkl_entry)?;
+        let start = index.data_offset(pkl_entry);
         let mut pkl = vec![0u8; pkl_entry.size as usize];
         read_at(&file, path, start, &mut pkl)?;
-        let value = pickle::unpickle(&pkl).map_err(|e| match e {
-            UnpickleError::Bad(detail) => PtError::BadPickle {
-                path: path.to_path_buf(),
-                detail,
-            },
-            UnpickleError::Forbidden(global) => PtError::ForbiddenGlobal {
-                path: path.to_path_buf(),
-                global,
-            },
-            UnpickleError::UnknownStorage(storage) => PtError::UnknownStorage {
-                path: path.to_path_buf(),
-                storage,
-            },
-        })?;
+        let graph = pickle::unpickle(&pkl).map_err(|e| unpickle_error(path, e))?;
+        drop(pkl);
         let (layout, tensors) =
-            state_dict_of(&value).map_err(|detail| PtError::NotACheckpoint {
+            state_dict_of(&graph).map_err(|detail| PtError::NotACheckpoint {
                 path: path.to_path_buf(),
                 detail,
             })?;
+        check_views(path, tensors.iter().map(|(n, t)| (*n, *t)))?;
 
-        let mut record_starts: HashMap<String, (u64, u64)> = HashMap::new();
         let mut entries = Vec::with_capacity(tensors.len());
         let mut views = Vec::with_capacity(tensors.len());
         for (name, t) in tensors {
-            let key = &t.storage.key;
-            let (record_start, record_len) = match record_starts.get(key) {
-                Some(&v) => v,
-                None => {
-                    let rec = index.find(&format!("data/{key}")).ok_or_else(|| {
-                        PtError::CorruptZip {
-                            path: path.to_path_buf(),
-                            detail: format!(
-                                "tensor {name} needs storage record data/{key}, which is missing"
-                            ),
-                        }
-                    })?;
-                    let v = (index.data_offset(&file, path, rec)?, rec.size);
-                    record_starts.insert(key.clone(), v);
-                    v
-                }
-            };
-            let dtype = t.storage.dtype;
-            check_bounds(&t, dtype, record_len).map_err(|detail| PtError::OutOfBounds {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                detail,
-            })?;
+            let record_start = storage_record(&index, path, name, t)?;
             views.push(View {
                 record_start,
                 offset: t.offset,
@@ -134,8 +100,8 @@ impl PtReader {
                 contiguous: is_contiguous(&t.shape, &t.stride),
             });
             entries.push(TensorMeta {
-                name,
-                dtype,
+                name: name.to_string(),
+                dtype: t.storage.dtype,
                 shape: t.shape.clone(),
             });
         }
@@ -146,6 +112,14 @@ impl PtReader {
             entries,
             views,
         })
+    }
+
+    /// [`PtReader::open`], then [`Expected::check`] of the tensor list: a file that is not what
+    /// the caller expects is refused before any tensor data is read.
+    pub fn open_expecting(path: &Path, expected: &Expected) -> Result<Self, PtError> {
+        let r = Self::open(path)?;
+        expected.check(path, &r.entries)?;
+        Ok(r)
     }
 
     pub fn path(&self) -> &Path {
@@ -280,16 +254,43 @@ impl PtReader {
     }
 }
 
-/// Checks that every element of the view lies inside a storage record of `record_len` bytes.
-fn check_bounds(t: &TensorRef, dtype: DType, record_len: u64) -> Result<(), String> {
+/// How many times over the tensors of a file may view the bytes of its storages. State dicts
+/// view each storage once; tied weights or a few views of one base stay far below this, while
+/// thousands of full views of one storage would make hashing a small file take hours.
+pub(super) const MAX_VIEW_FACTOR: u64 = 4;
+/// Largest span a non-contiguous view may cover (it is read whole, then gathered).
+pub(super) const MAX_GATHER_SPAN: u64 = 256 << 20;
+
+/// Checks a view against its storage as the pickle declares it, before any data is read:
+/// the element count and the extent fit the storage, no dimension larger than one has stride
+/// zero (an expanded view), nothing overflows. Returns the view's data bytes.
+pub(super) fn check_view(t: &TensorRef) -> Result<u64, String> {
+    let dtype = t.storage.dtype;
     let es = dtype.elem_size() as u64;
     let numel = t
         .shape
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .ok_or_else(|| format!("shape {:?} overflows", t.shape))?;
+    let storage_bytes = t
+        .storage
+        .numel
+        .checked_mul(es)
+        .ok_or_else(|| format!("storage of {} elements overflows", t.storage.numel))?;
     if numel == 0 {
-        return Ok(());
+        return Ok(0);
+    }
+    if numel > t.storage.numel {
+        return Err(format!(
+            "shape {:?} has {numel} elements but its storage data/{} holds {}",
+            t.shape, t.storage.key, t.storage.numel
+        ));
+    }
+    if let Some(d) = t.shape.iter().zip(&t.stride).position(|(&d, &s)| d > 1 && s == 0) {
+        return Err(format!(
+            "dimension {d} of shape {:?} has stride 0 (an expanded view)",
+            t.shape
+        ));
     }
     let mut last = t.offset;
     for (&d, &s) in t.shape.iter().zip(&t.stride) {
@@ -298,55 +299,105 @@ fn check_bounds(t: &TensorRef, dtype: DType, record_len: u64) -> Result<(), Stri
             .and_then(|x| last.checked_add(x))
             .ok_or_else(|| format!("shape {:?} with stride {:?} overflows", t.shape, t.stride))?;
     }
-    let end = last
-        .checked_add(1)
-        .and_then(|e| e.checked_mul(es))
-        .ok_or_else(|| "extent overflows".to_string())?;
-    if end > record_len {
+    if last >= t.storage.numel {
         return Err(format!(
-            "shape {:?}, stride {:?}, offset {} of {} need {end} bytes but storage record data/{} has {record_len}",
-            t.shape, t.stride, t.offset, dtype, t.storage.key
+            "shape {:?}, stride {:?}, offset {} reach element {last} of storage data/{}, which holds {}",
+            t.shape, t.stride, t.offset, t.storage.key, t.storage.numel
         ));
+    }
+    let span = (last - t.offset + 1) * es;
+    if !is_contiguous(&t.shape, &t.stride) && span > MAX_GATHER_SPAN {
+        return Err(format!(
+            "non-contiguous view spans {span} bytes (at most {MAX_GATHER_SPAN} are gathered)"
+        ));
+    }
+    debug_assert!(numel * es <= storage_bytes);
+    Ok(numel * es)
+}
+
+/// Checks every view ([`check_view`]) and that together they view each storage's bytes at most
+/// [`MAX_VIEW_FACTOR`] times over. Errors name the tensor.
+pub(super) fn check_views<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a TensorRef)>,
+) -> Result<(), PtError> {
+    let mut viewed = 0u64;
+    let mut storages: HashMap<&str, u64> = HashMap::new();
+    for (name, t) in tensors {
+        let n = check_view(t).map_err(|detail| PtError::OutOfBounds {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            detail,
+        })?;
+        viewed = viewed.saturating_add(n);
+        let es = t.storage.dtype.elem_size() as u64;
+        storages
+            .entry(t.storage.key.as_str())
+            .or_insert(t.storage.numel.saturating_mul(es));
+    }
+    let stored = storages.values().fold(0u64, |a, &b| a.saturating_add(b));
+    if viewed > stored.saturating_mul(MAX_VIEW_FACTOR).max(1 << 20) {
+        return Err(PtError::NotACheckpoint {
+            path: path.to_path_buf(),
+            detail: format!(
+                "the tensors view {viewed} bytes of {stored} bytes of storage (the same data over and over)"
+            ),
+        });
     }
     Ok(())
 }
 
+/// Most tensors a state dict may hold (the full DeepSeek-V2-Lite model has ~5,200).
+pub(super) const MAX_TENSORS: usize = 1 << 16;
+
 /// The state dict inside an unpickled checkpoint, sorted by name (a repeated key: last wins).
+/// It borrows the graph: nothing is copied per tensor but the map's own entries.
 pub(super) fn state_dict_of(
-    v: &Value,
-) -> Result<(PtLayout, BTreeMap<String, Rc<TensorRef>>), String> {
-    let Value::Dict(top) = v else {
-        return Err(format!("top-level object is a {}, not a dict", v.kind()));
+    g: &Graph,
+) -> Result<(PtLayout, BTreeMap<&str, &TensorRef>), String> {
+    let Some(Node::Dict(top)) = g.node(g.root) else {
+        return Err(format!(
+            "top-level object is a {}, not a dict",
+            g.kind(g.root)
+        ));
     };
-    let top = top.borrow();
     let wrapped = top
         .iter()
         .rev()
-        .find(|(k, _)| matches!(k, Value::Str(s) if s == "model_state_dict"))
-        .map(|(_, v)| v.clone());
+        .find(|(k, _)| g.str(*k) == Some("model_state_dict"))
+        .map(|(_, v)| *v);
     let (layout, items) = match wrapped {
-        Some(Value::Dict(inner)) => (PtLayout::ModelStateDict, inner.borrow().clone()),
-        Some(other) => {
-            return Err(format!(
-                "model_state_dict is a {}, not a dict",
-                other.kind()
-            ));
-        }
-        None => (PtLayout::PlainDict, top.clone()),
-    };
-    let mut out = BTreeMap::new();
-    for (k, v) in items {
-        let Value::Str(name) = &k else {
-            return Err(format!("state dict key is a {}, not a str", k.kind()));
-        };
-        match v {
-            Value::Tensor(t) => {
-                out.insert(name.clone(), t);
-            }
-            other => {
+        Some(v) => match g.node(v) {
+            Some(Node::Dict(inner)) => (PtLayout::ModelStateDict, inner),
+            _ => {
                 return Err(format!(
-                    "entry {name:?} is a {}, not a tensor",
-                    other.kind()
+                    "model_state_dict is a {}, not a dict",
+                    g.kind(v)
+                ));
+            }
+        },
+        None => (PtLayout::PlainDict, top),
+    };
+    if items.len() > MAX_TENSORS {
+        return Err(format!(
+            "the state dict has {} entries (at most {MAX_TENSORS} are read)",
+            items.len()
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for &(k, v) in items {
+        let Some(name) = g.str(k) else {
+            return Err(format!("state dict key is a {}, not a str", g.kind(k)));
+        };
+        match g.node(v) {
+            Some(Node::Tensor(t)) => {
+                out.insert(name, &**t);
+            }
+            _ => {
+                return Err(format!(
+                    "entry {:?} is a {}, not a tensor",
+                    clip(name),
+                    g.kind(v)
                 ));
             }
         }
@@ -355,6 +406,64 @@ pub(super) fn state_dict_of(
         return Err("the state dict holds no tensors".into());
     }
     Ok((layout, out))
+}
+
+/// At most 200 characters of an untrusted string (for error messages).
+pub(super) fn clip(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The reader's error for an unpickling failure.
+pub(super) fn unpickle_error(path: &Path, e: UnpickleError) -> PtError {
+    match e {
+        UnpickleError::Bad(detail) => PtError::BadPickle {
+            path: path.to_path_buf(),
+            detail,
+        },
+        UnpickleError::Forbidden(global) => PtError::ForbiddenGlobal {
+            path: path.to_path_buf(),
+            global,
+        },
+        UnpickleError::UnknownStorage(storage) => PtError::UnknownStorage {
+            path: path.to_path_buf(),
+            storage,
+        },
+    }
+}
+
+/// The absolute data offset of tensor `name`'s storage record, whose size must be exactly
+/// what the pickle declares for the storage.
+fn storage_record(
+    index: &ZipIndex,
+    path: &Path,
+    name: &str,
+    t: &TensorRef,
+) -> Result<u64, PtError> {
+    let key = &t.storage.key;
+    let rec = index
+        .find(&format!("data/{key}"))
+        .ok_or_else(|| PtError::CorruptZip {
+            path: path.to_path_buf(),
+            detail: format!(
+                "tensor {:?} needs storage record data/{key}, which is missing",
+                clip(name)
+            ),
+        })?;
+    let want = t.storage.numel * t.storage.dtype.elem_size() as u64;
+    if rec.size != want {
+        return Err(PtError::OutOfBounds {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            detail: format!(
+                "storage data/{key} of {} {} elements needs {want} bytes but its record has {}",
+                t.storage.numel, t.storage.dtype, rec.size
+            ),
+        });
+    }
+    Ok(index.data_offset(rec))
 }
 
 /// Reads every tensor of a checkpoint file.

@@ -8,6 +8,7 @@
 //! carried a ZIP64 extra). After the records: the central directory (ZIP64 extra where a value
 //! does not fit 32 bits), the ZIP64 end record and locator, and the classic end record.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -322,14 +323,15 @@ impl<W: Write> ZipWriter<W> {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
-/// One record of an archive, from the central directory.
+/// One record of an archive, from the central directory, checked against its local header.
 #[derive(Debug, Clone)]
 pub(crate) struct ZipEntry {
     /// Name without the root folder, e.g. `data.pkl`, `data/0`.
     pub name: String,
     pub header_offset: u64,
+    /// Absolute offset of the record's data (after the local header and its extra fields).
+    pub data_start: u64,
     pub size: u64,
-    pub method: u16,
 }
 
 /// The central directory of a torch zip archive.
@@ -337,8 +339,15 @@ pub(crate) struct ZipEntry {
 pub(crate) struct ZipIndex {
     pub root: String,
     pub entries: Vec<ZipEntry>,
-    pub file_len: u64,
+    /// Record name → index into `entries`.
+    by_name: HashMap<String, usize>,
 }
+
+/// Largest central directory read. torch writes ~80 bytes per record and one record per
+/// storage: the full DeepSeek-V2-Lite model (~5,200 storages) needs ~0.5 MB.
+const MAX_CENTRAL_DIR: u64 = 16 << 20;
+/// Most records an archive may hold (one per storage plus five metadata records).
+const MAX_RECORDS: u64 = 1 << 17;
 
 fn rd16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -350,6 +359,11 @@ fn rd64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
+}
+
+/// At most 200 characters of an untrusted name, quoted and escaped (for error messages).
+fn quoted(s: &str) -> String {
+    format!("{:?}", super::reader::clip(s))
 }
 
 pub(crate) fn read_at(
@@ -377,12 +391,101 @@ pub(crate) fn read_at(
     })
 }
 
+/// Where the central directory is, from the end records.
+struct CdLocation {
+    n_entries: u64,
+    cd_offset: u64,
+    cd_size: u64,
+}
+
+/// One central directory header, parsed (sizes and offset with ZIP64 values applied).
+struct CdHeader {
+    full_name: String,
+    method: u16,
+    csize: u64,
+    usize_: u64,
+    offset: u64,
+    /// Offset of the next header in the directory.
+    next: usize,
+}
+
 impl ZipIndex {
     pub(crate) fn parse(file: &File, path: &Path) -> Result<ZipIndex, PtError> {
         let file_len = file
             .metadata()
             .map_err(|e| super::io_err(path, "stat", e))?
             .len();
+        let corrupt = |detail: String| PtError::CorruptZip {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let loc = Self::locate_cd(file, path, file_len)?;
+        let mut cd = vec![0u8; loc.cd_size as usize];
+        read_at(file, path, loc.cd_offset, &mut cd)?;
+
+        let mut entries: Vec<ZipEntry> = Vec::with_capacity(loc.n_entries as usize);
+        let mut by_name = HashMap::new();
+        let mut root: Option<String> = None;
+        let mut p = 0usize;
+        for i in 0..loc.n_entries {
+            let h = Self::cd_header(&cd, p, i).map_err(corrupt)?;
+            p = h.next;
+            let (r, rest) = match h.full_name.split_once('/') {
+                Some((r, rest)) => (r, rest),
+                None => {
+                    return Err(corrupt(format!(
+                        "record {} is not inside a root folder",
+                        quoted(&h.full_name)
+                    )));
+                }
+            };
+            match &root {
+                None => root = Some(r.to_string()),
+                Some(existing) if existing != r => {
+                    return Err(corrupt(format!(
+                        "record {} is outside the root folder {}/",
+                        quoted(&h.full_name),
+                        quoted(existing)
+                    )));
+                }
+                Some(_) => {}
+            }
+            if h.method != 0 {
+                return Err(corrupt(format!(
+                    "record {} is compressed (method {}); torch.save stores records",
+                    quoted(rest),
+                    h.method
+                )));
+            }
+            if h.csize != h.usize_ {
+                return Err(corrupt(format!(
+                    "stored record {} has mismatched sizes",
+                    quoted(rest)
+                )));
+            }
+            if by_name.insert(rest.to_string(), entries.len()).is_some() {
+                return Err(corrupt(format!("record {} appears twice", quoted(rest))));
+            }
+            let data_start = Self::check_local_header(file, path, &h, loc.cd_offset)?;
+            entries.push(ZipEntry {
+                name: rest.to_string(),
+                header_offset: h.offset,
+                data_start,
+                size: h.usize_,
+            });
+        }
+        Self::check_no_overlap(path, &entries)?;
+        let root = root.ok_or_else(|| corrupt("archive has no records".into()))?;
+        Ok(ZipIndex {
+            root,
+            entries,
+            by_name,
+        })
+    }
+
+    /// Finds the end records and, from them, the central directory (checked to lie inside the
+    /// file before them, and to be of a plausible size).
+    fn locate_cd(file: &File, path: &Path, file_len: u64) -> Result<CdLocation, PtError> {
         let corrupt = |detail: String| PtError::CorruptZip {
             path: path.to_path_buf(),
             detail,
@@ -419,9 +522,11 @@ impl ZipIndex {
             .ok_or_else(|| missing_end("end of central directory"))?;
         let eocd_pos = tail_start + eocd_rel as u64;
         let e = &tail[eocd_rel..];
-        let mut n_entries = u64::from(rd16(e, 10));
-        let mut cd_size = u64::from(rd32(e, 12));
-        let mut cd_offset = u64::from(rd32(e, 16));
+        let mut loc = CdLocation {
+            n_entries: u64::from(rd16(e, 10)),
+            cd_size: u64::from(rd32(e, 12)),
+            cd_offset: u64::from(rd32(e, 16)),
+        };
         let mut cd_end_limit = eocd_pos;
         if eocd_rel >= Z64_LOC_LEN && rd32(&tail, eocd_rel - Z64_LOC_LEN) == Z64_LOC_SIG {
             let z64_pos = rd64(&tail, eocd_rel - Z64_LOC_LEN + 8);
@@ -438,162 +543,183 @@ impl ZipIndex {
             if rd32(&z, 0) != Z64_EOCD_SIG {
                 return Err(corrupt("bad ZIP64 end record signature".into()));
             }
-            n_entries = rd64(&z, 32);
-            cd_size = rd64(&z, 40);
-            cd_offset = rd64(&z, 48);
+            loc.n_entries = rd64(&z, 32);
+            loc.cd_size = rd64(&z, 40);
+            loc.cd_offset = rd64(&z, 48);
             cd_end_limit = z64_pos;
         }
-        let cd_end = cd_offset
-            .checked_add(cd_size)
+        let cd_end = loc
+            .cd_offset
+            .checked_add(loc.cd_size)
             .ok_or_else(|| corrupt("central directory size overflows".into()))?;
         if cd_end > cd_end_limit {
             return Err(PtError::Truncated {
                 path: path.to_path_buf(),
                 detail: format!(
-                    "central directory ({cd_size} bytes at {cd_offset}) runs past its end records at {cd_end_limit}"
+                    "central directory ({} bytes at {}) runs past its end records at {cd_end_limit}",
+                    loc.cd_size, loc.cd_offset
                 ),
             });
         }
-        if cd_size > 1 << 30 || n_entries > cd_size / CDH_LEN as u64 {
+        if loc.cd_size > MAX_CENTRAL_DIR
+            || loc.n_entries > MAX_RECORDS
+            || loc.n_entries > loc.cd_size / CDH_LEN as u64
+        {
             return Err(corrupt(format!(
-                "implausible central directory: {n_entries} entries in {cd_size} bytes"
+                "implausible central directory: {} entries in {} bytes",
+                loc.n_entries, loc.cd_size
             )));
         }
-        let mut cd = vec![0u8; cd_size as usize];
-        read_at(file, path, cd_offset, &mut cd)?;
+        Ok(loc)
+    }
 
-        let mut entries = Vec::with_capacity(n_entries as usize);
-        let mut root: Option<String> = None;
-        let mut p = 0usize;
-        for i in 0..n_entries {
-            if p + CDH_LEN > cd.len() || rd32(&cd, p) != CDH_SIG {
-                return Err(corrupt(format!("bad central directory header #{i}")));
-            }
-            let method = rd16(&cd, p + 10);
-            let mut csize = u64::from(rd32(&cd, p + 20));
-            let mut usize_ = u64::from(rd32(&cd, p + 24));
-            let name_len = rd16(&cd, p + 28) as usize;
-            let extra_len = rd16(&cd, p + 30) as usize;
-            let comment_len = rd16(&cd, p + 32) as usize;
-            let mut offset = u64::from(rd32(&cd, p + 42));
-            let name_start = p + CDH_LEN;
-            let extra_start = name_start + name_len;
-            let next = extra_start + extra_len + comment_len;
-            if next > cd.len() {
-                return Err(corrupt(format!(
-                    "central directory header #{i} overruns the directory"
-                )));
-            }
-            let full_name = std::str::from_utf8(&cd[name_start..extra_start])
-                .map_err(|_| corrupt(format!("record name #{i} is not UTF-8")))?
-                .to_string();
-            // ZIP64 extended information replaces the 0xFFFFFFFF values, in order.
-            let mut x = extra_start;
-            while x + 4 <= extra_start + extra_len {
-                let id = rd16(&cd, x);
-                let len = rd16(&cd, x + 2) as usize;
-                let body = x + 4;
-                if body + len > extra_start + extra_len {
-                    return Err(corrupt(format!(
-                        "extra field of {full_name} overruns its header"
-                    )));
-                }
-                if id == 0x0001 {
-                    let mut q = body;
-                    let mut take = |field: &mut u64| -> Result<(), PtError> {
-                        if *field == U32_MAX {
-                            if q + 8 > body + len {
-                                return Err(corrupt(format!("short ZIP64 field in {full_name}")));
-                            }
-                            *field = rd64(&cd, q);
-                            q += 8;
-                        }
-                        Ok(())
-                    };
-                    take(&mut usize_)?;
-                    take(&mut csize)?;
-                    take(&mut offset)?;
-                }
-                x = body + len;
-            }
-            let (r, rest) = match full_name.split_once('/') {
-                Some((r, rest)) => (r, rest),
-                None => {
-                    return Err(corrupt(format!(
-                        "record {full_name} is not inside a root folder"
-                    )));
-                }
-            };
-            match &root {
-                None => root = Some(r.to_string()),
-                Some(existing) if existing != r => {
-                    return Err(corrupt(format!(
-                        "record {full_name} is outside the root folder {existing}/"
-                    )));
-                }
-                Some(_) => {}
-            }
-            if method == 0 && csize != usize_ {
-                return Err(corrupt(format!(
-                    "stored record {full_name} has mismatched sizes"
-                )));
-            }
-            entries.push(ZipEntry {
-                name: rest.to_string(),
-                header_offset: offset,
-                size: usize_,
-                method,
-            });
-            p = next;
+    /// Parses the central directory header #`i` at `p`.
+    fn cd_header(cd: &[u8], p: usize, i: u64) -> Result<CdHeader, String> {
+        if p + CDH_LEN > cd.len() || rd32(cd, p) != CDH_SIG {
+            return Err(format!("bad central directory header #{i}"));
         }
-        let root = root.ok_or_else(|| corrupt("archive has no records".into()))?;
-        Ok(ZipIndex {
-            root,
-            entries,
-            file_len,
+        let method = rd16(cd, p + 10);
+        let mut csize = u64::from(rd32(cd, p + 20));
+        let mut usize_ = u64::from(rd32(cd, p + 24));
+        let name_len = rd16(cd, p + 28) as usize;
+        let extra_len = rd16(cd, p + 30) as usize;
+        let comment_len = rd16(cd, p + 32) as usize;
+        let mut offset = u64::from(rd32(cd, p + 42));
+        let name_start = p + CDH_LEN;
+        let extra_start = name_start + name_len;
+        let next = extra_start + extra_len + comment_len;
+        if next > cd.len() {
+            return Err(format!(
+                "central directory header #{i} overruns the directory"
+            ));
+        }
+        let full_name = std::str::from_utf8(&cd[name_start..extra_start])
+            .map_err(|_| format!("record name #{i} is not UTF-8"))?
+            .to_string();
+        // ZIP64 extended information replaces the 0xFFFFFFFF values, in order.
+        let mut x = extra_start;
+        while x + 4 <= extra_start + extra_len {
+            let id = rd16(cd, x);
+            let len = rd16(cd, x + 2) as usize;
+            let body = x + 4;
+            if body + len > extra_start + extra_len {
+                return Err(format!(
+                    "extra field of {} overruns its header",
+                    quoted(&full_name)
+                ));
+            }
+            if id == 0x0001 {
+                let mut q = body;
+                for field in [&mut usize_, &mut csize, &mut offset] {
+                    if *field == U32_MAX {
+                        if q + 8 > body + len {
+                            return Err(format!("short ZIP64 field in {}", quoted(&full_name)));
+                        }
+                        *field = rd64(cd, q);
+                        q += 8;
+                    }
+                }
+            }
+            x = body + len;
+        }
+        Ok(CdHeader {
+            full_name,
+            method,
+            csize,
+            usize_,
+            offset,
+            next,
         })
     }
 
-    pub(crate) fn find(&self, name: &str) -> Option<&ZipEntry> {
-        self.entries.iter().find(|e| e.name == name)
-    }
-
-    /// The absolute offset of a record's data, checked against the file length.
-    pub(crate) fn data_offset(
-        &self,
+    /// Reads a record's local header and checks it against its central directory entry (same
+    /// name, stored, sizes when given); the record's data must end before the central
+    /// directory. Returns the absolute offset of the data.
+    fn check_local_header(
         file: &File,
         path: &Path,
-        e: &ZipEntry,
+        h: &CdHeader,
+        cd_offset: u64,
     ) -> Result<u64, PtError> {
-        if e.method != 0 {
+        let corrupt = |detail: String| PtError::CorruptZip {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let name = quoted(&h.full_name);
+        let name_len = h.full_name.len();
+        if h.offset.saturating_add(LFH_LEN + name_len as u64) > cd_offset {
+            return Err(corrupt(format!(
+                "local header of {name} at {} is not before the central directory at {cd_offset}",
+                h.offset
+            )));
+        }
+        let mut lh = vec![0u8; LFH_LEN as usize + name_len];
+        read_at(file, path, h.offset, &mut lh)?;
+        if rd32(&lh, 0) != LFH_SIG {
+            return Err(corrupt(format!("bad local header for record {name}")));
+        }
+        let local_name_len = rd16(&lh, 26) as usize;
+        if local_name_len != name_len || lh[LFH_LEN as usize..] != *h.full_name.as_bytes() {
+            return Err(corrupt(format!(
+                "local header of record {name} names another record"
+            )));
+        }
+        if rd16(&lh, 8) != h.method {
+            return Err(corrupt(format!(
+                "local header of record {name} disagrees on the compression method"
+            )));
+        }
+        // Sizes in the local header: 0 (a data descriptor follows), 0xFFFFFFFF (ZIP64), or the
+        // central directory's.
+        for at in [18, 22] {
+            let v = u64::from(rd32(&lh, at));
+            if v != 0 && v != U32_MAX && v != h.usize_ {
+                return Err(corrupt(format!(
+                    "local header of record {name} gives size {v}, the central directory {}",
+                    h.usize_
+                )));
+            }
+        }
+        let start = h.offset + LFH_LEN + name_len as u64 + u64::from(rd16(&lh, 28));
+        let end = start.checked_add(h.usize_);
+        if end.is_none_or(|end| end > cd_offset) {
             return Err(PtError::CorruptZip {
                 path: path.to_path_buf(),
                 detail: format!(
-                    "record {} is compressed (method {}); torch.save stores records",
-                    e.name, e.method
-                ),
-            });
-        }
-        let mut h = [0u8; LFH_LEN as usize];
-        read_at(file, path, e.header_offset, &mut h)?;
-        if rd32(&h, 0) != LFH_SIG {
-            return Err(PtError::CorruptZip {
-                path: path.to_path_buf(),
-                detail: format!("bad local header for record {}", e.name),
-            });
-        }
-        let start = e.header_offset + LFH_LEN + u64::from(rd16(&h, 26)) + u64::from(rd16(&h, 28));
-        let end = start.saturating_add(e.size);
-        if end > self.file_len {
-            return Err(PtError::Truncated {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "record {} ({} bytes at {start}) runs past the end of the file ({} bytes)",
-                    e.name, e.size, self.file_len
+                    "record {name} ({} bytes at {start}) runs into the central directory at {cd_offset}",
+                    h.usize_
                 ),
             });
         }
         Ok(start)
+    }
+
+    /// No record's header or data overlaps another record.
+    fn check_no_overlap(path: &Path, entries: &[ZipEntry]) -> Result<(), PtError> {
+        let mut by_offset: Vec<&ZipEntry> = entries.iter().collect();
+        by_offset.sort_by_key(|e| e.header_offset);
+        for w in by_offset.windows(2) {
+            if w[0].data_start + w[0].size > w[1].header_offset {
+                return Err(PtError::CorruptZip {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "records {} and {} overlap",
+                        quoted(&w[0].name),
+                        quoted(&w[1].name)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn find(&self, name: &str) -> Option<&ZipEntry> {
+        self.by_name.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// The absolute offset of a record's data (checked at parse time to lie in the file).
+    pub(crate) fn data_offset(&self, e: &ZipEntry) -> u64 {
+        e.data_start
     }
 }
 
@@ -728,7 +854,7 @@ mod tests {
         assert_eq!(idx.root, "big");
         let e = idx.find("data/0").unwrap();
         assert_eq!((e.header_offset, e.size), (offset, size));
-        let start = idx.data_offset(&f, &path, e).unwrap();
+        let start = idx.data_offset(e);
         assert_eq!(start, offset + lfh.len() as u64);
         assert_eq!(start % ALIGN, 0);
     }
