@@ -82,6 +82,13 @@ fn files_from_python_with_each_defect() {
     }
     let e = open_err(&path("compressed"));
     assert!(matches!(e, PtError::CorruptZip { .. }), "{e}");
+    for k in ["expanded_small", "expanded_huge"] {
+        let e = open_err(&path(k));
+        assert!(
+            matches!(&e, PtError::OutOfBounds { name, .. } if name == "w"),
+            "{k}: {e}"
+        );
+    }
     let e = open_err(&path("legacy"));
     assert!(matches!(e, PtError::NotZip { .. }), "{e}");
 }

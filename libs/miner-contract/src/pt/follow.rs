@@ -410,9 +410,11 @@ impl<C: FollowCheck> PtFollower<C> {
         zip64: bool,
         scan: u64,
     ) -> Result<Step, C::Error> {
-        let end = start + size;
+        // The size comes from the pickle: saturate (a size past any file just waits; the
+        // reader's check at `finish` refuses it).
+        let end = start.saturating_add(size);
         let dl = dd_len(zip64);
-        if end + dl > self.avail {
+        if end.saturating_add(dl) > self.avail {
             return Ok(Step::Wait(State::Data {
                 name,
                 start,
@@ -573,7 +575,7 @@ impl<C: FollowCheck> PtFollower<C> {
             let Some(&rec) = self.record_starts.get(&e.key) else {
                 return Ok(());
             };
-            let (abs, nbytes) = (rec + e.offset, e.nbytes);
+            let (abs, nbytes) = (rec.saturating_add(e.offset), e.nbytes);
             let es = e.meta.dtype.elem_size() as u64;
             let done = match self.done_in_next {
                 Some(d) => d,

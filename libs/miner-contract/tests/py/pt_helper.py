@@ -145,7 +145,6 @@ def make(d):
         "half_t": half.t()[1:4],
         "tied_1": half,
         "tied_2": half,
-        "expanded": torch.tensor([1.0, 2.0]).expand(3, 2),
     }
     save("views.pt", {"model_state_dict": views})
     # Many tensors: memo indices past 255 (LONG_BINPUT/LONG_BINGET).
@@ -219,6 +218,15 @@ def bad(d):
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename))
     out["compressed"] = p
+
+    # Expanded views (stride 0): more elements than their storage holds. The reader refuses
+    # them before reading data (the big one would otherwise ask for 2**40 elements).
+    p = os.path.join(d, "expanded_small.pt")
+    torch.save({"model_state_dict": {"w": torch.tensor([1.0, 2.0]).expand(3, 2)}}, p)
+    out["expanded_small"] = p
+    p = os.path.join(d, "expanded_huge.pt")
+    torch.save({"model_state_dict": {"w": torch.ones(1).expand(2**20, 2**20)}}, p)
+    out["expanded_huge"] = p
 
     p = os.path.join(d, "legacy.pt")
     torch.save({"model_state_dict": {"w": t}}, p, _use_new_zipfile_serialization=False)
