@@ -234,9 +234,11 @@ pub(crate) fn state_dict_pickle(metas: &[TensorMeta], wrap_model_state_dict: boo
 /// group (<= 1,152 tensors) pickles to ~0.3 MB. 4 MiB leaves three times the headroom of the
 /// largest and bounds what a hostile pickle can make the reader allocate (see [`graph_budget`]).
 pub(crate) const MAX_PICKLE: u64 = 4 << 20;
-/// Memory the object graph may take per byte of pickle. A torch state dict needs about 7 (a
-/// tensor's ~140 pickle bytes build ~1 KB of nodes, tuples, memo and stack; see the test
-/// `real_state_dicts_use_under_half_their_budget`); a 3 MB hostile pickle is held to ~42 MB.
+/// Memory the object graph may take per byte of pickle. A torch state dict needs about 9.3
+/// (a tensor's ~140 pickle bytes build ~1.3 KB of nodes, tuples, memo and stack, allocator
+/// overhead included; see `real_state_dicts_use_under_two_thirds_of_their_budget`); a 3 MB
+/// hostile pickle peaks at ~53 MB (measured in `tests/pt_hostile.rs`), one at the
+/// [`MAX_PICKLE`] cap at ~70 MB.
 const GRAPH_BYTES_PER_PICKLE_BYTE: usize = 16;
 /// Memory any pickle may take, however short.
 const GRAPH_BASE_BYTES: usize = 256 << 10;
@@ -1289,7 +1291,7 @@ mod tests {
     }
 
     #[test]
-    fn real_state_dicts_use_under_half_their_budget() {
+    fn real_state_dicts_use_under_two_thirds_of_their_budget() {
         // The full DeepSeek-V2-Lite layout: 26 MoE layers x 64 experts x 3 projections, plus
         // attention, norms and gates, in bf16.
         let mut metas = Vec::new();
@@ -1309,10 +1311,8 @@ mod tests {
         for (n, wrap) in [(metas.len(), true), (200, false), (1, true)] {
             let p = state_dict_pickle(&metas[..n], wrap);
             assert!((p.len() as u64) < MAX_PICKLE / 2, "{}", p.len());
-            let half = graph_budget(p.len()) / 2;
-            let need = (1..200).find(|k| unpickle_with_budget(&p, p.len() * k / 4).is_ok());
-            eprintln!("{n}: {} bytes need {:?}/4 x", p.len(), need);
-            assert!(unpickle_with_budget(&p, half).is_ok(), "{n} tensors, {} bytes", p.len());
+            let part = graph_budget(p.len()) * 2 / 3;
+            assert!(unpickle_with_budget(&p, part).is_ok(), "{n} tensors, {} bytes", p.len());
         }
     }
 

@@ -277,6 +277,12 @@ pub(super) fn check_view(t: &TensorRef) -> Result<u64, String> {
         .numel
         .checked_mul(es)
         .ok_or_else(|| format!("storage of {} elements overflows", t.storage.numel))?;
+    if t.offset > t.storage.numel {
+        return Err(format!(
+            "offset {} is past the end of storage data/{}, which holds {} elements",
+            t.offset, t.storage.key, t.storage.numel
+        ));
+    }
     if numel == 0 {
         return Ok(0);
     }
