@@ -32,20 +32,71 @@ impl FollowCheck for Any {
 
 /// Opcode snippets that build, nest, share, discard or break things.
 const SNIPPETS: &[&[u8]] = &[
-    b"]", b"}", b")", b"(", b"N", b"a", b"e", b"s", b"u", b"t", b"l", b"d", b"0", b"1", b"2",
-    b"\x85", b"\x86", b"\x87", b"q\x00", b"h\x00", b"r\x01\x00\x00\x00", b"j\x01\x00\x00\x00",
-    b"\x94", b"K\x07", b"\x88", b"\x89", b"R", b"b", b"Q", b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f",
-    b"ccollections\nOrderedDict\n", b"ctorch._utils\n_rebuild_tensor_v2\n",
-    b"ctorch._utils\n_rebuild_parameter\n", b"ctorch\nHalfStorage\n", b"cos\nsystem\n",
-    b"X\x07\x00\x00\x00storage", b"X\x03\x00\x00\x00cpu", b"X\x01\x00\x00\x000",
-    b"X\x03\x00\x00\x00a\n\x1b", b"\x8c\x10model_state_dict", b"\x95\x00\x00\x00\x00\x00\x00\x00\x00",
-    b"X\xff\xff\xff\xff", b"I01\n", b"g0\n", b"p5\n",
+    b"]",
+    b"}",
+    b")",
+    b"(",
+    b"N",
+    b"a",
+    b"e",
+    b"s",
+    b"u",
+    b"t",
+    b"l",
+    b"d",
+    b"0",
+    b"1",
+    b"2",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"q\x00",
+    b"h\x00",
+    b"r\x01\x00\x00\x00",
+    b"j\x01\x00\x00\x00",
+    b"\x94",
+    b"K\x07",
+    b"\x88",
+    b"\x89",
+    b"R",
+    b"b",
+    b"Q",
+    b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f",
+    b"ccollections\nOrderedDict\n",
+    b"ctorch._utils\n_rebuild_tensor_v2\n",
+    b"ctorch._utils\n_rebuild_parameter\n",
+    b"ctorch\nHalfStorage\n",
+    b"cos\nsystem\n",
+    b"X\x07\x00\x00\x00storage",
+    b"X\x03\x00\x00\x00cpu",
+    b"X\x01\x00\x00\x000",
+    b"X\x03\x00\x00\x00a\n\x1b",
+    b"\x8c\x10model_state_dict",
+    b"\x95\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"X\xff\xff\xff\xff",
+    b"I01\n",
+    b"g0\n",
+    b"p5\n",
 ];
 
 /// Interesting sizes, offsets and strides.
 const NUMBERS: &[u64] = &[
-    0, 1, 2, 3, 7, 64, 255, 256, 65_535, 1 << 20, (1 << 31) - 1, 1 << 31, 1 << 32, 1 << 40,
-    1 << 62, u64::MAX >> 1,
+    0,
+    1,
+    2,
+    3,
+    7,
+    64,
+    255,
+    256,
+    65_535,
+    1 << 20,
+    (1 << 31) - 1,
+    1 << 31,
+    1 << 32,
+    1 << 40,
+    1 << 62,
+    u64::MAX >> 1,
 ];
 
 #[derive(Debug, Clone)]
@@ -89,11 +140,7 @@ fn pickle(blocks: &[Block], wrap: bool, stop: bool) -> Vec<u8> {
     if wrap {
         p.ops(b"ss");
     }
-    if stop {
-        p.done()
-    } else {
-        p.0
-    }
+    if stop { p.done() } else { p.0 }
 }
 
 #[derive(Debug, Clone)]
@@ -130,11 +177,26 @@ fn build(pkl: Vec<u8>, a: &Archive) -> Vec<u8> {
     ];
     let v = a.lie_value;
     let lies = match a.lie {
-        0 => ZipLies { size_of: Some(((v % 3) as usize, v)), ..Default::default() },
-        1 => ZipLies { header_of: Some(((v % 3) as usize, ((v + 1) % 3) as usize)), ..Default::default() },
-        2 => ZipLies { local_name: Some(((v % 3) as usize, "data/1".into())), ..Default::default() },
-        3 => ZipLies { cd_size: Some(v as u32), ..Default::default() },
-        4 => ZipLies { entries: Some(v as u16), ..Default::default() },
+        0 => ZipLies {
+            size_of: Some(((v % 3) as usize, v)),
+            ..Default::default()
+        },
+        1 => ZipLies {
+            header_of: Some(((v % 3) as usize, ((v + 1) % 3) as usize)),
+            ..Default::default()
+        },
+        2 => ZipLies {
+            local_name: Some(((v % 3) as usize, "data/1".into())),
+            ..Default::default()
+        },
+        3 => ZipLies {
+            cd_size: Some(v as u32),
+            ..Default::default()
+        },
+        4 => ZipLies {
+            entries: Some(v as u16),
+            ..Default::default()
+        },
         _ => ZipLies::default(),
     };
     let mut bytes = zip("archive", &recs, &lies);
@@ -150,7 +212,11 @@ fn build(pkl: Vec<u8>, a: &Archive) -> Vec<u8> {
 
 fn clean(e: &PtError, path: &Path) -> Result<(), TestCaseError> {
     let msg = e.to_string();
-    prop_assert!(!msg.chars().any(char::is_control), "raw control character in {:?}", msg);
+    prop_assert!(
+        !msg.chars().any(char::is_control),
+        "raw control character in {:?}",
+        msg
+    );
     prop_assert!(msg.contains(&path.display().to_string()), "{}", msg);
     Ok(())
 }
@@ -187,7 +253,11 @@ fn run(bytes: &[u8], piece: usize) -> Result<(), TestCaseError> {
     prop_assert!(t.elapsed() < TIME_LIMIT, "follower took {:?}", t.elapsed());
     match (&read, &followed) {
         (Ok((_, h)), Ok(done)) => prop_assert_eq!(*h, done.hash),
-        (Err(_), Ok(done)) => prop_assert!(false, "follower accepted what the reader refused: {:?}", done),
+        (Err(_), Ok(done)) => prop_assert!(
+            false,
+            "follower accepted what the reader refused: {:?}",
+            done
+        ),
         (Ok(_), Err(e)) => prop_assert!(false, "follower refused what the reader accepted: {}", e),
         (Err(_), Err(e)) => clean(e, &fpath)?,
     }

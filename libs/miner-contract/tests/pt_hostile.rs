@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use miner_contract::hash::hash_pt_file;
 use miner_contract::pt::{
-    DType, Expected, FollowCheck, PtError, PtFollower, PtLayout, PtReader, PtWriteOptions,
-    Tensor, TensorMeta, write_pt_tensors,
+    DType, Expected, FollowCheck, PtError, PtFollower, PtLayout, PtReader, PtWriteOptions, Tensor,
+    TensorMeta, write_pt_tensors,
 };
 use pt_support::helper;
 use pt_support::hostile::{self, Hostile};
@@ -43,7 +43,8 @@ impl FollowCheck for Any {
 fn assert_clean_message(e: &PtError, path: &Path, what: &str) {
     let msg = e.to_string();
     assert!(
-        !msg.chars().any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
+        !msg.chars()
+            .any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
         "{what}: raw control characters in {msg:?}"
     );
     assert!(
@@ -165,7 +166,10 @@ fn escaped_names_reach_messages_escaped() {
     };
     assert!(name.contains('\n'), "the field keeps the raw name");
     let msg = e.to_string();
-    assert!(msg.contains(r"w\u{a}\u{1b}[31mFAKE LOG LINE\u{202e}"), "{msg}");
+    assert!(
+        msg.contains(r"w\u{a}\u{1b}[31mFAKE LOG LINE\u{202e}"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -207,7 +211,10 @@ fn follower_stops_as_soon_as_the_file_is_refused() {
     bytes[junk_at..].iter_mut().for_each(|b| *b = 0x77);
     let (e, at) = follower_refuses(dir.path(), &bytes, piece, "junk_inside");
     assert!(matches!(e, PtError::CorruptZip { .. }), "{e}");
-    assert!(at.unwrap() < (junk_at + 2 * piece) as u64, "{at:?} for junk at {junk_at}");
+    assert!(
+        at.unwrap() < (junk_at + 2 * piece) as u64,
+        "{at:?} for junk at {junk_at}"
+    );
 }
 
 use pt_support::Bytes;
@@ -216,8 +223,14 @@ use pt_support::Bytes;
 fn truncation_at_every_offset_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut sd = BTreeMap::new();
-    sd.insert("a".to_string(), Bytes::new(3 as u64).tensor(DType::F32, &[3, 5]));
-    sd.insert("b".to_string(), Bytes::new(4 as u64).tensor(DType::BF16, &[7]));
+    sd.insert(
+        "a".to_string(),
+        Bytes::new(3).tensor(DType::F32, &[3, 5]),
+    );
+    sd.insert(
+        "b".to_string(),
+        Bytes::new(4).tensor(DType::BF16, &[7]),
+    );
     let good = dir.path().join("good.pt");
     write_pt_tensors(&good, &sd, &PtWriteOptions::default()).unwrap();
     let bytes = std::fs::read(&good).unwrap();
@@ -241,7 +254,10 @@ fn torch_saved_expanded_views_are_refused_before_any_read() {
         assert!(size < 4096, "{k}: {size} bytes");
         let e = reader_refuses(&p, k);
         assert!(matches!(e, PtError::OutOfBounds { .. }), "{k}: {e}");
-        assert!(e.to_string().contains("stride 0") || e.to_string().contains("elements"), "{e}");
+        assert!(
+            e.to_string().contains("stride 0") || e.to_string().contains("elements"),
+            "{e}"
+        );
         let (fe, at) = follower_refuses(dir.path(), &std::fs::read(&p).unwrap(), 256, k);
         assert!(matches!(fe, PtError::OutOfBounds { .. }), "{k}: {fe}");
         assert!(at.is_some(), "{k}: refused only at finish");
@@ -252,8 +268,14 @@ fn torch_saved_expanded_views_are_refused_before_any_read() {
 fn expected_tensors_are_checked_before_any_data() {
     let dir = tempfile::tempdir().unwrap();
     let mut sd = BTreeMap::new();
-    sd.insert("a".to_string(), Bytes::new(5 as u64).tensor(DType::F16, &[4, 8]));
-    sd.insert("b".to_string(), Bytes::new(6 as u64).tensor(DType::BF16, &[8]));
+    sd.insert(
+        "a".to_string(),
+        Bytes::new(5).tensor(DType::F16, &[4, 8]),
+    );
+    sd.insert(
+        "b".to_string(),
+        Bytes::new(6).tensor(DType::BF16, &[8]),
+    );
     let p = dir.path().join("m.pt");
     write_pt_tensors(&p, &sd, &PtWriteOptions::default()).unwrap();
     let ok = Expected::default()
@@ -263,11 +285,23 @@ fn expected_tensors_are_checked_before_any_data() {
         require_all: true,
         ..ok
     };
-    assert_eq!(PtReader::open_expecting(&p, &ok).unwrap().entries().len(), 2);
+    assert_eq!(
+        PtReader::open_expecting(&p, &ok).unwrap().entries().len(),
+        2
+    );
     let cases = [
-        (Expected::default().with("a", &[DType::F16], &[4, 8]), "\"b\" is not expected"),
-        (ok.clone().with("a", &[DType::F32], &[4, 8]), "is torch.float16"),
-        (ok.clone().with("b", &[], &[9]), "has shape [8], expected [9]"),
+        (
+            Expected::default().with("a", &[DType::F16], &[4, 8]),
+            "\"b\" is not expected",
+        ),
+        (
+            ok.clone().with("a", &[DType::F32], &[4, 8]),
+            "is torch.float16",
+        ),
+        (
+            ok.clone().with("b", &[], &[9]),
+            "has shape [8], expected [9]",
+        ),
         (ok.clone().with("c", &[], &[1]), "\"c\" is missing"),
     ];
     for (exp, want) in cases {
@@ -291,7 +325,10 @@ fn expected_tensors_are_checked_before_any_data() {
 fn hostile_files_stay_within_memory() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = write_corpus(dir.path());
-    let big: Vec<_> = corpus.iter().filter(|(h, _)| h.bytes.len() >= 1 << 20).collect();
+    let big: Vec<_> = corpus
+        .iter()
+        .filter(|(h, _)| h.bytes.len() >= 1 << 20)
+        .collect();
     assert!(big.len() >= 10, "{}", big.len());
     let exe = std::env::current_exe().unwrap();
     let mut report = Vec::new();
@@ -306,7 +343,12 @@ fn hostile_files_stay_within_memory() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}: child failed: {stdout}{}", h.name, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: child failed: {stdout}{}",
+            h.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let growth: u64 = stdout
             .lines()
             .find_map(|l| l.split_once("PEAK_GROWTH ").map(|(_, v)| v))
@@ -320,7 +362,11 @@ fn hostile_files_stay_within_memory() {
             h.bytes.len(),
             growth >> 10
         ));
-        assert!(growth < MEMORY_LIMIT, "{}: peak grew by {growth} bytes", h.name);
+        assert!(
+            growth < MEMORY_LIMIT,
+            "{}: peak grew by {growth} bytes",
+            h.name
+        );
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -378,11 +424,17 @@ fn valid_files_still_read_after_the_hardening() {
     let dir = tempfile::tempdir().unwrap();
     let mut sd = BTreeMap::new();
     for i in 0..2000 {
-        sd.insert(format!("model.layers.{i}.w"), Bytes::new(i as u64).tensor(DType::BF16, &[3, 2]));
+        sd.insert(
+            format!("model.layers.{i}.w"),
+            Bytes::new(i as u64).tensor(DType::BF16, &[3, 2]),
+        );
     }
     let p = dir.path().join("many.pt");
     let h = write_pt_tensors(&p, &sd, &PtWriteOptions::default()).unwrap();
     assert_eq!(hash_pt_file(&p).unwrap(), h);
-    let t: Tensor = PtReader::open(&p).unwrap().read("model.layers.7.w").unwrap();
+    let t: Tensor = PtReader::open(&p)
+        .unwrap()
+        .read("model.layers.7.w")
+        .unwrap();
     assert_eq!(t, sd["model.layers.7.w"]);
 }

@@ -61,7 +61,10 @@ impl Expected {
                     "{:?} is {}, expected one of {:?}",
                     clip(&m.name),
                     m.dtype,
-                    want.dtypes.iter().map(|d| d.torch_name()).collect::<Vec<_>>()
+                    want.dtypes
+                        .iter()
+                        .map(|d| d.torch_name())
+                        .collect::<Vec<_>>()
                 )));
             }
             if want.shape != m.shape {

@@ -449,7 +449,12 @@ impl<C: FollowCheck> PtFollower<C> {
         mut scan: u64,
     ) -> Result<Step, C::Error> {
         let dl = dd_len(zip64);
-        let limit = start + if name == "data.pkl" { MAX_PICKLE } else { MAX_SCAN };
+        let limit = start
+            + if name == "data.pkl" {
+                MAX_PICKLE
+            } else {
+                MAX_SCAN
+            };
         // Candidate descriptor positions p need p + dl <= avail.
         while let Some(last) = self.avail.checked_sub(dl).filter(|&l| l >= scan) {
             if scan > limit {
@@ -521,7 +526,9 @@ impl<C: FollowCheck> PtFollower<C> {
             return Ok(true);
         }
         if self.layout.is_some() {
-            return Err(self.corrupt("record \"data.pkl\" appears twice".into()).into());
+            return Err(self
+                .corrupt("record \"data.pkl\" appears twice".into())
+                .into());
         }
         let mut pkl = vec![0u8; size as usize];
         read_at(&self.file, &self.path, start, &mut pkl)?;

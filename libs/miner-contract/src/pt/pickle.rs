@@ -395,7 +395,11 @@ fn clip(s: &str) -> &str {
 /// What the allocator really takes for an allocation of `n` bytes (header, 16-byte rounding,
 /// 32-byte minimum): a pickle of one-element containers must not cost more than it is charged.
 fn heap(n: usize) -> usize {
-    if n == 0 { 0 } else { (n + 8).next_multiple_of(16).max(32) }
+    if n == 0 {
+        0
+    } else {
+        (n + 8).next_multiple_of(16).max(32)
+    }
 }
 
 /// The capacity a vector of `len` items grows to for `extra` more (at least doubling, so
@@ -431,7 +435,9 @@ fn bad(msg: impl Into<String>) -> UnpickleError {
 
 fn as_usize(v: Val, what: &str) -> Result<usize, UnpickleError> {
     match v {
-        Val::Int(i) if i >= 0 => usize::try_from(i).map_err(|_| bad(format!("{what} {i} too large"))),
+        Val::Int(i) if i >= 0 => {
+            usize::try_from(i).map_err(|_| bad(format!("{what} {i} too large")))
+        }
         Val::Bool(b) => Ok(usize::from(b)),
         Val::Int(i) => Err(bad(format!("{what} {i} is negative"))),
         _ => Err(bad(format!("{what} is not a non-negative int"))),
@@ -533,7 +539,10 @@ impl<'a> Unpickler<'a> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err(bad("stack underflow (top past a mark)"));
         }
-        self.stack.last().copied().ok_or_else(|| bad("stack underflow"))
+        self.stack
+            .last()
+            .copied()
+            .ok_or_else(|| bad("stack underflow"))
     }
 
     fn push_mark(&mut self) -> Result<(), UnpickleError> {
@@ -781,7 +790,9 @@ impl<'a> Unpickler<'a> {
         };
         if key.is_empty()
             || key.len() > MAX_KEY_LEN
-            || !key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+            || !key
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
         {
             return Err(bad(format!(
                 "storage key {:?} is not a record name",
@@ -1080,9 +1091,7 @@ impl<'a> Unpickler<'a> {
                 || self.memo_op(op)?
                 || self.other(op)?;
             if !known {
-                return Err(bad(format!(
-                    "unsupported opcode 0x{op:02x} at offset {at}"
-                )));
+                return Err(bad(format!("unsupported opcode 0x{op:02x} at offset {at}")));
             }
         }
     }
@@ -1302,7 +1311,11 @@ mod tests {
                     metas.push(TensorMeta::new(name, DType::BF16, vec![1408, 2048]));
                 }
             }
-            for p in ["self_attn.q_proj", "self_attn.kv_a_proj_with_mqa", "input_layernorm"] {
+            for p in [
+                "self_attn.q_proj",
+                "self_attn.kv_a_proj_with_mqa",
+                "input_layernorm",
+            ] {
                 let name = format!("model.layers.{l}.{p}.weight");
                 metas.push(TensorMeta::new(name, DType::BF16, vec![2048]));
             }
@@ -1312,7 +1325,11 @@ mod tests {
             let p = state_dict_pickle(&metas[..n], wrap);
             assert!((p.len() as u64) < MAX_PICKLE / 2, "{}", p.len());
             let part = graph_budget(p.len()) * 2 / 3;
-            assert!(unpickle_with_budget(&p, part).is_ok(), "{n} tensors, {} bytes", p.len());
+            assert!(
+                unpickle_with_budget(&p, part).is_ok(),
+                "{n} tensors, {} bytes",
+                p.len()
+            );
         }
     }
 

@@ -292,7 +292,12 @@ pub(super) fn check_view(t: &TensorRef) -> Result<u64, String> {
             t.shape, t.storage.key, t.storage.numel
         ));
     }
-    if let Some(d) = t.shape.iter().zip(&t.stride).position(|(&d, &s)| d > 1 && s == 0) {
+    if let Some(d) = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .position(|(&d, &s)| d > 1 && s == 0)
+    {
         return Err(format!(
             "dimension {d} of shape {:?} has stride 0 (an expanded view)",
             t.shape
@@ -358,9 +363,7 @@ pub(super) const MAX_TENSORS: usize = 1 << 16;
 
 /// The state dict inside an unpickled checkpoint, sorted by name (a repeated key: last wins).
 /// It borrows the graph: nothing is copied per tensor but the map's own entries.
-pub(super) fn state_dict_of(
-    g: &Graph,
-) -> Result<(PtLayout, BTreeMap<&str, &TensorRef>), String> {
+pub(super) fn state_dict_of(g: &Graph) -> Result<(PtLayout, BTreeMap<&str, &TensorRef>), String> {
     let Some(Node::Dict(top)) = g.node(g.root) else {
         return Err(format!(
             "top-level object is a {}, not a dict",
@@ -376,10 +379,7 @@ pub(super) fn state_dict_of(
         Some(v) => match g.node(v) {
             Some(Node::Dict(inner)) => (PtLayout::ModelStateDict, inner),
             _ => {
-                return Err(format!(
-                    "model_state_dict is a {}, not a dict",
-                    g.kind(v)
-                ));
+                return Err(format!("model_state_dict is a {}, not a dict", g.kind(v)));
             }
         },
         None => (PtLayout::PlainDict, top),

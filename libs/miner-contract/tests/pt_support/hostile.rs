@@ -65,7 +65,8 @@ impl Pkl {
     }
     pub fn global(&mut self, module: &str, name: &str) -> &mut Self {
         self.0.push(GLOBAL);
-        self.0.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
         self
     }
     /// Any non-negative integer (LONG1, 8 bytes + sign byte when needed).
@@ -90,11 +91,32 @@ impl Pkl {
         self.op(TUPLE)
     }
     /// `_rebuild_tensor_v2(storage(key, numel, HalfStorage), offset, shape, stride, False, OrderedDict())`.
-    pub fn tensor(&mut self, key: &str, numel: u64, offset: u64, shape: &[u64], stride: &[u64]) -> &mut Self {
+    pub fn tensor(
+        &mut self,
+        key: &str,
+        numel: u64,
+        offset: u64,
+        shape: &[u64],
+        stride: &[u64],
+    ) -> &mut Self {
         self.global("torch._utils", "_rebuild_tensor_v2").op(MARK);
-        self.op(MARK).str("storage").global("torch", "HalfStorage").str(key).str("cpu").int(numel).op(TUPLE);
-        self.op(BINPERSID).int(offset).int_tuple(shape).int_tuple(stride).op(NEWFALSE);
-        self.global("collections", "OrderedDict").op(EMPTY_TUPLE).op(REDUCE).op(TUPLE).op(REDUCE)
+        self.op(MARK)
+            .str("storage")
+            .global("torch", "HalfStorage")
+            .str(key)
+            .str("cpu")
+            .int(numel)
+            .op(TUPLE);
+        self.op(BINPERSID)
+            .int(offset)
+            .int_tuple(shape)
+            .int_tuple(stride)
+            .op(NEWFALSE);
+        self.global("collections", "OrderedDict")
+            .op(EMPTY_TUPLE)
+            .op(REDUCE)
+            .op(TUPLE)
+            .op(REDUCE)
     }
     pub fn done(&mut self) -> Vec<u8> {
         self.0.push(STOP);
@@ -103,9 +125,19 @@ impl Pkl {
 }
 
 /// `{"model_state_dict": {name: tensor}}` with one tensor (see [`Pkl::tensor`]).
-pub fn one_tensor_pickle(name: &str, key: &str, numel: u64, offset: u64, shape: &[u64], stride: &[u64]) -> Vec<u8> {
+pub fn one_tensor_pickle(
+    name: &str,
+    key: &str,
+    numel: u64,
+    offset: u64,
+    shape: &[u64],
+    stride: &[u64],
+) -> Vec<u8> {
     let mut p = Pkl::new();
-    p.op(EMPTY_DICT).str("model_state_dict").op(EMPTY_DICT).str(name);
+    p.op(EMPTY_DICT)
+        .str("model_state_dict")
+        .op(EMPTY_DICT)
+        .str(name);
     p.tensor(key, numel, offset, shape, stride);
     p.op(SETITEM).op(SETITEM).done()
 }
@@ -246,22 +278,47 @@ pub fn corpus() -> Vec<Hostile> {
 
     // Deep nesting, then discarded with POP (the drop of a nested value must not recurse).
     let mut p = Pkl::new();
-    p.op(BININT1).op(0).repeat(&[TUPLE1], 3 * mb).op(POP).op(NONE);
+    p.op(BININT1)
+        .op(0)
+        .repeat(&[TUPLE1], 3 * mb)
+        .op(POP)
+        .op(NONE);
     add("deep_tuples", checkpoint(p.done(), vec![]));
-    add("deep_lists", checkpoint(deep(&[], &[EMPTY_LIST], &[APPEND], 3 * mb / 2 - 64), vec![]));
-    add("deep_lists_1mb", checkpoint(deep(&[], &[EMPTY_LIST], &[APPEND], mb / 2), vec![]));
-    add("deep_dicts", checkpoint(deep(&[], &[EMPTY_DICT, NONE], &[SETITEM], 3 * mb / 3 - 64), vec![]));
+    add(
+        "deep_lists",
+        checkpoint(deep(&[], &[EMPTY_LIST], &[APPEND], 3 * mb / 2 - 64), vec![]),
+    );
+    add(
+        "deep_lists_1mb",
+        checkpoint(deep(&[], &[EMPTY_LIST], &[APPEND], mb / 2), vec![]),
+    );
+    add(
+        "deep_dicts",
+        checkpoint(
+            deep(&[], &[EMPTY_DICT, NONE], &[SETITEM], 3 * mb / 3 - 64),
+            vec![],
+        ),
+    );
     let mut p = Pkl::new();
     p.repeat(&[MARK, NONE], 3 * mb / 2 - 64);
     add("marks_left_open", checkpoint(p.done(), vec![]));
     let mut p = Pkl::new();
     p.repeat(&[EMPTY_LIST, MARK], mb).repeat(&[APPENDS], mb);
-    add("deep_appends", checkpoint(p.op(POP).op(NONE).done(), vec![]));
+    add(
+        "deep_appends",
+        checkpoint(p.op(POP).op(NONE).done(), vec![]),
+    );
 
     // Memo / DUP amplification.
     let mut p = Pkl::new();
-    p.op(EMPTY_LIST).str(&"x".repeat(mb)).ops(&[BINPUT, 0, POP]).repeat(&[BINGET, 0, APPEND], 600_000);
-    add("memo_string_fetched_600k_times", checkpoint(p.done(), vec![]));
+    p.op(EMPTY_LIST)
+        .str(&"x".repeat(mb))
+        .ops(&[BINPUT, 0, POP])
+        .repeat(&[BINGET, 0, APPEND], 600_000);
+    add(
+        "memo_string_fetched_600k_times",
+        checkpoint(p.done(), vec![]),
+    );
     let mut p = Pkl::new();
     p.op(NONE).repeat(&[DUP], 3 * mb - 16);
     add("dup_chain", checkpoint(p.done(), vec![]));
@@ -273,39 +330,173 @@ pub fn corpus() -> Vec<Hostile> {
     add("memo_puts", checkpoint(p.done(), vec![]));
     // OrderedDict(pairs) rebuilt over and over from one 10k-pair list (copies the pairs).
     let mut p = Pkl::new();
-    p.global("collections", "OrderedDict").ops(&[BINPUT, 0, POP, EMPTY_LIST]);
-    p.ops(&[NONE, NONE, TUPLE2, BINPUT, 1, POP, MARK]).repeat(&[BINGET, 1], 10_000);
-    p.ops(&[APPENDS, BINPUT, 2, POP]).repeat(&[BINGET, 0, BINGET, 2, TUPLE1, REDUCE, POP], 250_000);
+    p.global("collections", "OrderedDict")
+        .ops(&[BINPUT, 0, POP, EMPTY_LIST]);
+    p.ops(&[NONE, NONE, TUPLE2, BINPUT, 1, POP, MARK])
+        .repeat(&[BINGET, 1], 10_000);
+    p.ops(&[APPENDS, BINPUT, 2, POP])
+        .repeat(&[BINGET, 0, BINGET, 2, TUPLE1, REDUCE, POP], 250_000);
     add("ordered_dict_copies", checkpoint(p.op(NONE).done(), vec![]));
     // 20k full views of one 2 MiB storage: hashing them would read 40 GB from a 2 MB file.
     let mut p = Pkl::new();
-    p.op(EMPTY_DICT).str("model_state_dict").op(EMPTY_DICT).op(MARK);
+    p.op(EMPTY_DICT)
+        .str("model_state_dict")
+        .op(EMPTY_DICT)
+        .op(MARK);
     for i in 0..20_000u32 {
-        p.str(&format!("t{i}")).tensor("0", 1 << 20, 0, &[1 << 20], &[1]);
+        p.str(&format!("t{i}"))
+            .tensor("0", 1 << 20, 0, &[1 << 20], &[1]);
     }
     p.op(SETITEMS).op(SETITEM);
-    add("many_views_of_one_storage", checkpoint(p.done(), vec![storage("0", 2 << 20)]));
+    add(
+        "many_views_of_one_storage",
+        checkpoint(p.done(), vec![storage("0", 2 << 20)]),
+    );
 
     // Views that do not fit their storage.
-    add("expanded_view", checkpoint(one_tensor_pickle("w", "0", 1, 0, &[1 << 20, 1 << 20], &[0, 0]), vec![storage("0", 2)]));
-    add("more_elements_than_storage", checkpoint(one_tensor_pickle("w", "0", 4, 0, &[1000, 1000], &[1, 1]), vec![storage("0", 8)]));
-    add("shape_overflows", checkpoint(one_tensor_pickle("w", "0", 4, 0, &[1 << 62, 1 << 62], &[1, 1]), vec![storage("0", 8)]));
-    add("offset_overflows", checkpoint(one_tensor_pickle("w", "0", 4, u64::MAX >> 1, &[2], &[1]), vec![storage("0", 8)]));
-    add("stride_overflows", checkpoint(one_tensor_pickle("w", "0", 4, 0, &[2, 2], &[1 << 62, 1]), vec![storage("0", 8)]));
-    add("storage_numel_overflows", checkpoint(one_tensor_pickle("w", "0", u64::MAX >> 1, 0, &[2], &[1]), vec![storage("0", 8)]));
-    add("storage_bigger_than_record", checkpoint(one_tensor_pickle("w", "0", 1 << 40, 0, &[1 << 20, 1 << 20], &[1 << 20, 1]), vec![storage("0", 8)]));
-    add("name_with_terminal_escapes", checkpoint(one_tensor_pickle("w\n\u{1b}[31mFAKE LOG LINE\u{202e}", "0", 4, 2, &[4], &[1]), vec![storage("0", 8)]));
+    add(
+        "expanded_view",
+        checkpoint(
+            one_tensor_pickle("w", "0", 1, 0, &[1 << 20, 1 << 20], &[0, 0]),
+            vec![storage("0", 2)],
+        ),
+    );
+    add(
+        "more_elements_than_storage",
+        checkpoint(
+            one_tensor_pickle("w", "0", 4, 0, &[1000, 1000], &[1, 1]),
+            vec![storage("0", 8)],
+        ),
+    );
+    add(
+        "shape_overflows",
+        checkpoint(
+            one_tensor_pickle("w", "0", 4, 0, &[1 << 62, 1 << 62], &[1, 1]),
+            vec![storage("0", 8)],
+        ),
+    );
+    add(
+        "offset_overflows",
+        checkpoint(
+            one_tensor_pickle("w", "0", 4, u64::MAX >> 1, &[2], &[1]),
+            vec![storage("0", 8)],
+        ),
+    );
+    add(
+        "stride_overflows",
+        checkpoint(
+            one_tensor_pickle("w", "0", 4, 0, &[2, 2], &[1 << 62, 1]),
+            vec![storage("0", 8)],
+        ),
+    );
+    add(
+        "storage_numel_overflows",
+        checkpoint(
+            one_tensor_pickle("w", "0", u64::MAX >> 1, 0, &[2], &[1]),
+            vec![storage("0", 8)],
+        ),
+    );
+    add(
+        "storage_bigger_than_record",
+        checkpoint(
+            one_tensor_pickle("w", "0", 1 << 40, 0, &[1 << 20, 1 << 20], &[1 << 20, 1]),
+            vec![storage("0", 8)],
+        ),
+    );
+    add(
+        "name_with_terminal_escapes",
+        checkpoint(
+            one_tensor_pickle("w\n\u{1b}[31mFAKE LOG LINE\u{202e}", "0", 4, 2, &[4], &[1]),
+            vec![storage("0", 8)],
+        ),
+    );
 
     // Zip lies.
     let pkl = || one_tensor_pickle("w", "0", 4, 0, &[4], &[1]);
-    let recs = || vec![rec("data.pkl", pkl()), storage("0", 8), rec("version", b"3\n".to_vec())];
-    add("overlapping_records", zip("archive", &recs(), &ZipLies { size_of: Some((1, 40)), ..Default::default() }));
-    add("directory_points_at_another_header", zip("archive", &recs(), &ZipLies { header_of: Some((2, 1)), ..Default::default() }));
-    add("local_name_differs", zip("archive", &recs(), &ZipLies { local_name: Some((1, "data/1".into())), ..Default::default() }));
-    add("huge_claimed_size", zip("archive", &recs(), &ZipLies { size_of: Some((1, 0xFFFF_FFF0)), ..Default::default() }));
-    add("record_runs_into_next", zip("archive", &recs(), &ZipLies { size_of: Some((0, 200_000)), ..Default::default() }));
-    add("huge_central_directory", zip("archive", &recs(), &ZipLies { cd_size: Some(0xFFFF_FFF0), ..Default::default() }));
-    add("too_many_entries", zip("archive", &recs(), &ZipLies { entries: Some(0xFFFF), ..Default::default() }));
+    let recs = || {
+        vec![
+            rec("data.pkl", pkl()),
+            storage("0", 8),
+            rec("version", b"3\n".to_vec()),
+        ]
+    };
+    add(
+        "overlapping_records",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                size_of: Some((1, 40)),
+                ..Default::default()
+            },
+        ),
+    );
+    add(
+        "directory_points_at_another_header",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                header_of: Some((2, 1)),
+                ..Default::default()
+            },
+        ),
+    );
+    add(
+        "local_name_differs",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                local_name: Some((1, "data/1".into())),
+                ..Default::default()
+            },
+        ),
+    );
+    add(
+        "huge_claimed_size",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                size_of: Some((1, 0xFFFF_FFF0)),
+                ..Default::default()
+            },
+        ),
+    );
+    add(
+        "record_runs_into_next",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                size_of: Some((0, 200_000)),
+                ..Default::default()
+            },
+        ),
+    );
+    add(
+        "huge_central_directory",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                cd_size: Some(0xFFFF_FFF0),
+                ..Default::default()
+            },
+        ),
+    );
+    add(
+        "too_many_entries",
+        zip(
+            "archive",
+            &recs(),
+            &ZipLies {
+                entries: Some(0xFFFF),
+                ..Default::default()
+            },
+        ),
+    );
     let mut twice = recs();
     twice.push(storage("0", 8));
     add("record_twice", zip("archive", &twice, &ZipLies::default()));
@@ -324,10 +515,16 @@ pub fn corpus() -> Vec<Hostile> {
         *b = x as u8;
     }
     add("garbage", garbage);
-    add("unterminated_global", checkpoint({
-        let mut p = Pkl::new();
-        p.op(GLOBAL).ops(&vec![b'a'; 2 * mb]);
-        p.0
-    }, vec![]));
+    add(
+        "unterminated_global",
+        checkpoint(
+            {
+                let mut p = Pkl::new();
+                p.op(GLOBAL).ops(&vec![b'a'; 2 * mb]);
+                p.0
+            },
+            vec![],
+        ),
+    );
     v
 }
