@@ -265,7 +265,7 @@ fn run(bytes: &[u8], piece: usize) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1200, ..ProptestConfig::default() })]
 
     /// Random pickles from hostile building blocks, in honest or lying archives.
     #[test]
