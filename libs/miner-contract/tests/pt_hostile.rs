@@ -223,14 +223,8 @@ use pt_support::Bytes;
 fn truncation_at_every_offset_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut sd = BTreeMap::new();
-    sd.insert(
-        "a".to_string(),
-        Bytes::new(3).tensor(DType::F32, &[3, 5]),
-    );
-    sd.insert(
-        "b".to_string(),
-        Bytes::new(4).tensor(DType::BF16, &[7]),
-    );
+    sd.insert("a".to_string(), Bytes::new(3).tensor(DType::F32, &[3, 5]));
+    sd.insert("b".to_string(), Bytes::new(4).tensor(DType::BF16, &[7]));
     let good = dir.path().join("good.pt");
     write_pt_tensors(&good, &sd, &PtWriteOptions::default()).unwrap();
     let bytes = std::fs::read(&good).unwrap();
@@ -268,14 +262,8 @@ fn torch_saved_expanded_views_are_refused_before_any_read() {
 fn expected_tensors_are_checked_before_any_data() {
     let dir = tempfile::tempdir().unwrap();
     let mut sd = BTreeMap::new();
-    sd.insert(
-        "a".to_string(),
-        Bytes::new(5).tensor(DType::F16, &[4, 8]),
-    );
-    sd.insert(
-        "b".to_string(),
-        Bytes::new(6).tensor(DType::BF16, &[8]),
-    );
+    sd.insert("a".to_string(), Bytes::new(5).tensor(DType::F16, &[4, 8]));
+    sd.insert("b".to_string(), Bytes::new(6).tensor(DType::BF16, &[8]));
     let p = dir.path().join("m.pt");
     write_pt_tensors(&p, &sd, &PtWriteOptions::default()).unwrap();
     let ok = Expected::default()

@@ -271,10 +271,23 @@ fn deep(prefix: &[u8], unit: &[u8], close: &[u8], target: usize) -> Vec<u8> {
 
 /// The synthetic hostile corpus (1-3 MB where size matters).
 pub fn corpus() -> Vec<Hostile> {
+    let mut v = nesting_attacks();
+    v.extend(amplification_attacks());
+    v.extend(view_attacks());
+    v.extend(zip_attacks());
+    v
+}
+
+fn storage(key: &str, n: usize) -> Rec {
+    rec(&format!("data/{key}"), vec![0x3c; n])
+}
+
+/// Deep nesting, discarded or left open.
+#[allow(unused_variables)]
+fn nesting_attacks() -> Vec<Hostile> {
     let mb = 1 << 20;
     let mut v = Vec::new();
     let mut add = |name: &'static str, bytes: Vec<u8>| v.push(Hostile { name, bytes });
-    let storage = |key: &str, n: usize| rec(&format!("data/{key}"), vec![0x3c; n]);
 
     // Deep nesting, then discarded with POP (the drop of a nested value must not recurse).
     let mut p = Pkl::new();
@@ -308,7 +321,15 @@ pub fn corpus() -> Vec<Hostile> {
         "deep_appends",
         checkpoint(p.op(POP).op(NONE).done(), vec![]),
     );
+    v
+}
 
+/// Memo, DUP and copy amplification.
+#[allow(unused_variables)]
+fn amplification_attacks() -> Vec<Hostile> {
+    let mb = 1 << 20;
+    let mut v = Vec::new();
+    let mut add = |name: &'static str, bytes: Vec<u8>| v.push(Hostile { name, bytes });
     // Memo / DUP amplification.
     let mut p = Pkl::new();
     p.op(EMPTY_LIST)
@@ -352,7 +373,15 @@ pub fn corpus() -> Vec<Hostile> {
         "many_views_of_one_storage",
         checkpoint(p.done(), vec![storage("0", 2 << 20)]),
     );
+    v
+}
 
+/// Views that do not fit their storage; untrusted names.
+#[allow(unused_variables)]
+fn view_attacks() -> Vec<Hostile> {
+    let mb = 1 << 20;
+    let mut v = Vec::new();
+    let mut add = |name: &'static str, bytes: Vec<u8>| v.push(Hostile { name, bytes });
     // Views that do not fit their storage.
     add(
         "expanded_view",
@@ -410,7 +439,15 @@ pub fn corpus() -> Vec<Hostile> {
             vec![storage("0", 8)],
         ),
     );
+    v
+}
 
+/// Zip archives that lie, and junk.
+#[allow(unused_variables)]
+fn zip_attacks() -> Vec<Hostile> {
+    let mb = 1 << 20;
+    let mut v = Vec::new();
+    let mut add = |name: &'static str, bytes: Vec<u8>| v.push(Hostile { name, bytes });
     // Zip lies.
     let pkl = || one_tensor_pickle("w", "0", 4, 0, &[4], &[1]);
     let recs = || {
