@@ -5,9 +5,9 @@
 
 use clap::{Parser, Subcommand};
 use miner_standins::hub::{HubStandIn, HubStandInOptions};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tokio::io::AsyncReadExt;
 
 #[derive(Parser)]
 #[command(name = "miner-standins", about = "Test stand-ins for remote peers")]
@@ -92,9 +92,17 @@ async fn main() {
     };
     println!("{}", hub.endpoint());
     if exit_on_stdin_eof {
-        let mut buf = [0u8; 64];
-        let mut stdin = tokio::io::stdin();
-        while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while stdin.read(&mut buf).is_ok_and(|n| n > 0) {}
+            let _ = tx.send(());
+        });
+        tokio::select! {
+            _ = rx => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
     } else {
         let _ = tokio::signal::ctrl_c().await;
     }
