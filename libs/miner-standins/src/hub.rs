@@ -148,6 +148,8 @@ pub(crate) struct Hub {
     pub(crate) tokens: Mutex<HashMap<String, (String, bool)>>,
     faults: Mutex<Vec<HubFault>>,
     log: Mutex<Vec<HubRequest>>,
+    /// The `transfers` list of every LFS batch request.
+    pub(crate) batch_transfers: Mutex<Vec<Vec<String>>>,
 }
 
 /// The running stand-in; stops when dropped.
@@ -190,6 +192,7 @@ impl HubStandIn {
             tokens: Mutex::new(tokens),
             faults: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
+            batch_transfers: Mutex::new(Vec::new()),
         });
         let mut tasks = Vec::new();
         for (listener, is_storage) in [(main, false), (storage, true)] {
@@ -273,6 +276,11 @@ impl HubStandIn {
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<HubRequest> {
         self.hub.log.lock().unwrap().clone()
+    }
+    /// The `transfers` each LFS batch request offered (e.g. `["basic", "multipart"]`; `"xet"` would
+    /// mean the client would use Xet storage instead).
+    pub fn lfs_batch_transfers(&self) -> Vec<Vec<String>> {
+        self.hub.batch_transfers.lock().unwrap().clone()
     }
     pub fn clear_requests(&self) {
         self.hub.log.lock().unwrap().clear();

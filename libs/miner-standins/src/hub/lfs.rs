@@ -38,6 +38,11 @@ pub(crate) async fn batch(ctx: &Ctx, kind: RepoKind, t: &Target, body: Body) -> 
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    ctx.hub
+        .batch_transfers
+        .lock()
+        .unwrap()
+        .push(transfers.iter().map(|t| t.to_string()).collect());
     let objects = v
         .get("objects")
         .and_then(Value::as_array)
