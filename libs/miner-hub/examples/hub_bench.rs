@@ -15,13 +15,20 @@ use std::time::Instant;
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|kib| kib / 1024.0)
         .unwrap_or(-1.0)
 }
 
 fn usage() -> ! {
-    eprintln!("usage: hub_bench [--endpoint URL] [--token T] (upload REPO LOCAL PATH | download REPO REV FILE DEST | whoami)");
+    eprintln!(
+        "usage: hub_bench [--endpoint URL] [--token T] (upload REPO LOCAL PATH | download REPO REV FILE DEST | whoami)"
+    );
     std::process::exit(2)
 }
 
@@ -32,7 +39,11 @@ async fn main() {
     let mut token = None;
     while args.first().is_some_and(|a| a.starts_with("--")) {
         let flag = args.remove(0);
-        let value = if args.is_empty() { usage() } else { args.remove(0) };
+        let value = if args.is_empty() {
+            usage()
+        } else {
+            args.remove(0)
+        };
         match flag.as_str() {
             "--endpoint" => endpoint = Some(value),
             "--token" => token = Some(value),
@@ -51,7 +62,12 @@ async fn main() {
         }
     };
     let mut t = Instant::now();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["upload", repo, local, path] => {
             let repo = repo.parse().unwrap_or_else(|e| panic!("{e}"));
             if let Err(e) = client.create_repo(&repo, RepoType::Model, false).await {
@@ -59,13 +75,29 @@ async fn main() {
                 std::process::exit(1);
             }
             t = Instant::now();
-            client.upload_file(&repo, RepoType::Model, Path::new(local), path, "bench upload", None).await.map(|c| serde_json::json!({"oid": c.oid}))
+            client
+                .upload_file(
+                    &repo,
+                    RepoType::Model,
+                    Path::new(local),
+                    path,
+                    "bench upload",
+                    None,
+                )
+                .await
+                .map(|c| serde_json::json!({"oid": c.oid}))
         }
         ["download", repo, rev, file, dest] => {
             let repo = repo.parse().unwrap_or_else(|e| panic!("{e}"));
-            client.download_to(&repo, RepoType::Model, rev, file, Path::new(dest), u64::MAX).await.map(|m| serde_json::json!({"commit": m.commit, "size": m.size}))
+            client
+                .download_to(&repo, RepoType::Model, rev, file, Path::new(dest), u64::MAX)
+                .await
+                .map(|m| serde_json::json!({"commit": m.commit, "size": m.size}))
         }
-        ["whoami"] => client.whoami().await.map(|w| serde_json::json!({"name": w.name, "can_write": w.can_write})),
+        ["whoami"] => client
+            .whoami()
+            .await
+            .map(|w| serde_json::json!({"name": w.name, "can_write": w.can_write})),
         _ => usage(),
     };
     match result {
