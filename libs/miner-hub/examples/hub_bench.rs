@@ -4,6 +4,7 @@
 //! hub_bench --endpoint URL [--token T] upload REPO LOCAL PATH_IN_REPO
 //! hub_bench --endpoint URL [--token T] download REPO REV FILE DEST
 //! hub_bench --endpoint URL [--token T] whoami
+//! hub_bench sha256 LOCAL
 //! ```
 //! `upload` creates the repo first (untimed; 409 = exists). Prints one JSON line: `{"secs": .., "peak_rss_mib": .., ...}` (peak = this process's VmHWM).
 //! The endpoint may also come from `HF_ENDPOINT`; proxies from the environment apply.
@@ -93,6 +94,22 @@ async fn main() {
                 .download_to(&repo, RepoType::Model, rev, file, Path::new(dest), u64::MAX)
                 .await
                 .map(|m| serde_json::json!({"commit": m.commit, "size": m.size}))
+        }
+        ["sha256", local] => {
+            // The hashing step of an upload alone (for the benchmark's breakdown).
+            use sha2::Digest;
+            use std::io::Read;
+            let mut f = std::fs::File::open(local).unwrap_or_else(|e| panic!("{local}: {e}"));
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).unwrap_or_else(|e| panic!("{local}: {e}"));
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Ok(serde_json::json!({"sha256": hex::encode(h.finalize())}))
         }
         ["whoami"] => client
             .whoami()
