@@ -78,6 +78,8 @@ pub struct Repo {
 pub struct Store {
     pub repos: HashMap<(RepoKind, String), Repo>,
     pub uploads: HashMap<String, Upload>,
+    /// Upload ids are never reused.
+    pub next_upload: u64,
     counter: u64,
 }
 
