@@ -62,7 +62,10 @@ async fn main() {
     if token.is_some() {
         cfg.token = token;
     }
-    if let Some(n) = std::env::var("HUB_BENCH_PARALLEL_PARTS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("HUB_BENCH_PARALLEL_PARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         cfg.parallel_parts = n;
     }
     let client = match HubClient::new(cfg) {
