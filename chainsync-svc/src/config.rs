@@ -245,6 +245,9 @@ impl Settings {
         // The daemon always has a token (from the run directory), so only TLS is in question.
         miner_service::check_listen(cli.listen, tls.is_some(), true)
             .map_err(|e| bad("--listen", e.to_string()))?;
+        // The metrics address follows the same policy (it serves plain HTTP without a token).
+        miner_service::check_listen(cli.metrics_listen, tls.is_some(), true)
+            .map_err(|e| bad("--metrics-listen", e.to_string()))?;
         let (file, run_dir) = resolve_path(&cli.path);
         let (config, _) = MinerConfig::load(&file).map_err(|e| bad("--path", e.to_string()))?;
         let network = cli
