@@ -167,6 +167,9 @@ pub struct Settings {
     /// Transfer retry policies and commit attempts (the reference's, unless shortened by
     /// `--submit-retry-backoff-ms` / `--download-retry-backoff-ms`).
     pub policies: crate::jobs::Policies,
+    /// Which validator axon addresses may be connected to: global unicast only, unless the
+    /// chain is reached on loopback or a private address (a devnet).
+    pub peer_addresses: crate::transport::PeerAddresses,
 }
 
 impl std::fmt::Debug for Settings {
@@ -342,7 +345,6 @@ impl Settings {
             run_dir,
             netuid: config.chain.netuid,
             hotkey: Arc::new(hotkey),
-            endpoint,
             phase_source: cli.phase_source,
             owner_url,
             schedule,
@@ -354,6 +356,8 @@ impl Settings {
             local_whitelist,
             max_miners_per_validator: Some(5),
             policies,
+            peer_addresses: crate::transport::PeerAddresses::for_chain_url(endpoint.url()),
+            endpoint,
             config,
         })
     }

@@ -46,6 +46,8 @@ enum Act {
     HugeErrorBody,
     /// 200 with the file as is.
     Serve { file: Arc<Vec<u8>> },
+    /// 200 with a 1 GiB body of `x` (`Content-Length` given or not).
+    HugeOkBody { declared: bool },
 }
 
 /// A loopback server standing in for a validator's axon that misbehaves as told.
@@ -203,6 +205,11 @@ async fn answer(mut sock: TcpStream, act: Act, sent: Arc<AtomicU64>) {
             let head = format!(
                 "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: {GIB}\r\n\r\n"
             );
+            let _ = sock.write_all(head.as_bytes()).await;
+            endless(&mut sock, sent, Some(b'x')).await;
+        }
+        Act::HugeOkBody { declared } => {
+            let head = ok_head(declared.then_some(GIB));
             let _ = sock.write_all(head.as_bytes()).await;
             endless(&mut sock, sent, Some(b'x')).await;
         }
@@ -469,4 +476,57 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
     .await
     .expect("an honest download");
     assert!(Path::new(&p.path).join("model_expgroup_0.pt").is_file());
+}
+
+/// A submission reply or a phase-API answer of 1 GiB is cut off at the limit: a clear error,
+/// quickly, with the memory of the limit, not of the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_json_answers_are_refused_at_the_limit() {
+    use chainsync_svc::phase::{OwnerApi, PhaseApiError};
+    use chainsync_svc::transport::{Peer, Submission, submit_checkpoint};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model_expgroup_0.pt");
+    let hash = write_shard(&file, &expert_tensors(41));
+    for declared in [true, false] {
+        let v = HostileValidator::start(Act::HugeOkBody { declared }).await;
+        let started = Instant::now();
+        let sub = Submission {
+            peer: Peer {
+                ip: "127.0.0.1".into(),
+                port: v.port,
+                hotkey_ss58: validator_key().ss58().to_owned(),
+            },
+            file: &file,
+            expert_group: GROUP,
+            model_hash: hash,
+            origin_block: 1,
+        };
+        let err = submit_checkpoint(
+            &http_client().unwrap(),
+            &miner_key(),
+            &sub,
+            &fast_policy(0, 5000),
+            None,
+        )
+        .await
+        .expect_err("a 1 GiB reply is no receipt");
+        assert!(
+            matches!(&err, TransportError::BadResponse { reason, .. } if reason.contains("larger than")),
+            "declared={declared}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(v.sent.load(Ordering::SeqCst) < 64 << 20);
+
+        let v = HostileValidator::start(Act::HugeOkBody { declared }).await;
+        let api = OwnerApi::new(&format!("http://127.0.0.1:{}", v.port), fast_policy(0, 5000))
+            .unwrap();
+        let started = Instant::now();
+        let err = api.get_phase(None).await.expect_err("a 1 GiB phase");
+        assert!(
+            matches!(&err, PhaseApiError::BadResponse { reason, .. } if reason.contains("larger than")),
+            "declared={declared}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(v.sent.load(Ordering::SeqCst) < 64 << 20);
+    }
 }
