@@ -33,6 +33,19 @@ pub struct Cli {
     /// Name of an environment variable holding the password of an encrypted hotkey.
     #[arg(long, env = "CHAINSYNC_PASSWORD_ENV")]
     pub password_env: Option<String>,
+    /// A file holding the password of an encrypted hotkey (mode 0600; one line). Wins over
+    /// the systemd credential and `--password-env`.
+    #[arg(long, env = "CHAINSYNC_WALLET_PASSWORD_FILE", value_name = "FILE")]
+    pub wallet_password_file: Option<PathBuf>,
+    /// The systemd credential holding the password (`LoadCredential=NAME:...` in the unit):
+    /// read from `$CREDENTIALS_DIRECTORY/NAME` when that is set and holds it.
+    #[arg(
+        long,
+        env = "CHAINSYNC_WALLET_PASSWORD_CREDENTIAL",
+        default_value = "wallet-password",
+        value_name = "NAME"
+    )]
+    pub wallet_password_credential: String,
     /// `finney`, `test`, `archive`, `local` or a ws:// / wss:// URL (default: `chain.network` of the config).
     #[arg(long, env = "CHAINSYNC_NETWORK")]
     pub network: Option<String>,
@@ -296,23 +309,28 @@ impl Settings {
                 e.to_string(),
             )
         })?;
-        for (field, v) in [
-            ("chain.coldkey_name", &config.chain.coldkey_name),
-            ("chain.hotkey_name", &config.chain.hotkey_name),
+        for (field, what, v) in [
+            ("chain.coldkey_name", "coldkey", &config.chain.coldkey_name),
+            ("chain.hotkey_name", "hotkey", &config.chain.hotkey_name),
         ] {
-            if v.is_empty() || v.contains('/') {
-                return Err(bad(
-                    format!("{}: {field}", file.display()),
-                    format!("{v:?} is not a wallet name"),
-                ));
-            }
+            miner_keys::check_wallet_name(what, v)
+                .map_err(|e| bad(format!("{}: {field}", file.display()), e.to_string()))?;
         }
         let wallet_path = miner_keys::expand_home(&cli.wallet_path);
-        let hotkey = Hotkey::load(
+        let password = miner_keys::PasswordSource {
+            file: cli
+                .wallet_password_file
+                .as_deref()
+                .map(miner_keys::expand_home),
+            credential: Some(cli.wallet_password_credential.clone()),
+            credentials_dir: miner_keys::PasswordSource::credentials_dir_from_env(),
+            env: cli.password_env.clone(),
+        };
+        let hotkey = Hotkey::load_from(
             &wallet_path,
             &config.chain.coldkey_name,
             &config.chain.hotkey_name,
-            cli.password_env.as_deref(),
+            &password,
         )
         .map_err(|e| {
             let key = miner_keys::hotkey_path(

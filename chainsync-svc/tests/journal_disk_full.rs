@@ -37,7 +37,9 @@ fn mount_tmpfs(at: &Path, options: &str) -> Option<Mount> {
                 std::env::var_os("MINER_REQUIRE_TMPFS").is_none(),
                 "MINER_REQUIRE_TMPFS is set but mounting a tmpfs failed: {why}"
             );
-            eprintln!("\n*** SKIPPED: cannot mount a tmpfs here ({why}); run as root (as CI does). ***\n");
+            eprintln!(
+                "\n*** SKIPPED: cannot mount a tmpfs here ({why}); run as root (as CI does). ***\n"
+            );
             None
         }
     }

@@ -146,8 +146,13 @@ async fn endless(sock: &mut TcpStream, sent: &AtomicU64, byte: Option<u8>) {
 
 fn ok_head(len: Option<u64>) -> String {
     match len {
-        Some(n) => format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\n\r\n"),
-        None => "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n".into(),
+        Some(n) => format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\n\r\n"
+        ),
+        None => {
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n"
+                .into()
+        }
     }
 }
 
@@ -181,9 +186,8 @@ async fn answer(mut sock: TcpStream, act: Act, sent: Arc<AtomicU64>) {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         Act::Redirect { location } => {
-            let head = format!(
-                "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n"
-            );
+            let head =
+                format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
             let _ = sock.write_all(head.as_bytes()).await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -321,7 +325,13 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
             act: Act::Garbage { claimed: GIB },
             deadline: Duration::from_secs(20),
             check: |e| {
-                matches!(e, TransportError::Rejected { source: VerifyError::File(_), .. })
+                matches!(
+                    e,
+                    TransportError::Rejected {
+                        source: VerifyError::File(_),
+                        ..
+                    }
+                )
             },
             within: 5.0,
         },
@@ -330,7 +340,13 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
             act: Act::Serve { file: broken },
             deadline: Duration::from_secs(20),
             check: |e| {
-                matches!(e, TransportError::Rejected { source: VerifyError::File(_), .. })
+                matches!(
+                    e,
+                    TransportError::Rejected {
+                        source: VerifyError::File(_),
+                        ..
+                    }
+                )
             },
             within: 5.0,
         },
@@ -362,7 +378,13 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
             act: Act::ClaimHuge,
             deadline: Duration::from_secs(20),
             check: |e| {
-                matches!(e, TransportError::TooLarge { what: "Content-Length", .. })
+                matches!(
+                    e,
+                    TransportError::TooLarge {
+                        what: "Content-Length",
+                        ..
+                    }
+                )
             },
             within: 2.0,
         },
@@ -386,16 +408,22 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
             name: "valid file + 1 GiB junk (declared)",
             act: Act::JunkAfterDeclared { file: good.clone() },
             deadline: Duration::from_secs(20),
-            check: |e| matches!(e, TransportError::TooLarge { what: "Content-Length", .. }),
+            check: |e| {
+                matches!(
+                    e,
+                    TransportError::TooLarge {
+                        what: "Content-Length",
+                        ..
+                    }
+                )
+            },
             within: 5.0,
         },
         Case {
             name: "500 with a 1 GiB body",
             act: Act::HugeErrorBody,
             deadline: Duration::from_secs(20),
-            check: |e| {
-                matches!(last(e), TransportError::Status { status: 500, body, .. } if body.len() <= 200 && body.starts_with("xxxx"))
-            },
+            check: |e| matches!(last(e), TransportError::Status { status: 500, body, .. } if body.len() <= 200 && body.starts_with("xxxx")),
             within: 3.0,
         },
     ];
@@ -450,7 +478,12 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
             "{}: the miner let {sent} bytes in",
             case.name
         );
-        assert_eq!(v.requests.load(Ordering::SeqCst), 1, "{}: not retried", case.name);
+        assert_eq!(
+            v.requests.load(Ordering::SeqCst),
+            1,
+            "{}: not retried",
+            case.name
+        );
         let left = all_entries(&run.validator_dir());
         assert!(left.is_empty(), "{}: left {left:?}", case.name);
         assert!(!err.to_string().contains('\n'), "one line: {err}");
@@ -514,19 +547,30 @@ async fn huge_json_answers_are_refused_at_the_limit() {
             matches!(&err, TransportError::BadResponse { reason, .. } if reason.contains("larger than")),
             "declared={declared}: {err}"
         );
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(v.sent.load(Ordering::SeqCst) < 64 << 20);
 
         let v = HostileValidator::start(Act::HugeOkBody { declared }).await;
-        let api = OwnerApi::new(&format!("http://127.0.0.1:{}", v.port), fast_policy(0, 5000))
-            .unwrap();
+        let api = OwnerApi::new(
+            &format!("http://127.0.0.1:{}", v.port),
+            fast_policy(0, 5000),
+        )
+        .unwrap();
         let started = Instant::now();
         let err = api.get_phase(None).await.expect_err("a 1 GiB phase");
         assert!(
             matches!(&err, PhaseApiError::BadResponse { reason, .. } if reason.contains("larger than")),
             "declared={declared}: {err}"
         );
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(v.sent.load(Ordering::SeqCst) < 64 << 20);
     }
 }

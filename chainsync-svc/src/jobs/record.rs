@@ -417,7 +417,12 @@ fn set_aside(path: &Path, bytes: &[u8], loaded: &Loaded) {
         }
         Ok(())
     })();
-    let shown: Vec<String> = loaded.bad_lines.iter().take(10).map(|n| n.to_string()).collect();
+    let shown: Vec<String> = loaded
+        .bad_lines
+        .iter()
+        .take(10)
+        .map(|n| n.to_string())
+        .collect();
     match result {
         Ok(()) => tracing::warn!(
             path = %path.display(),
@@ -497,7 +502,11 @@ mod tests {
         let copies: Vec<_> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("jobs.jsonl.corrupt-"))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("jobs.jsonl.corrupt-")
+            })
             .collect();
         assert_eq!(copies.len(), 1, "one copy set aside");
         assert_eq!(std::fs::read(copies[0].path()).unwrap(), before);

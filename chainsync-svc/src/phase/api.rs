@@ -125,7 +125,9 @@ impl OwnerApi {
                 let body = read_body_limited(resp, MAX_JSON_BODY, timeout, false)
                     .await
                     .map_err(|e| match e {
-                        BodyError::TooLarge { .. } => AttemptError::Fatal(Failure::Shape(e.to_string())),
+                        BodyError::TooLarge { .. } => {
+                            AttemptError::Fatal(Failure::Shape(e.to_string()))
+                        }
                         other => AttemptError::Retryable(Failure::Io(other.to_string())),
                     })?;
                 serde_json::from_slice::<T>(&body)

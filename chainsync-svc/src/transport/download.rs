@@ -32,8 +32,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::limits::{
-    DEEPSEEK_V2_LITE, MAX_ERROR_BODY, WIDEST_SHARD_DTYPE, check_free_space, error_text,
-    file_bound, max_shard_bytes, read_body_limited,
+    DEEPSEEK_V2_LITE, MAX_ERROR_BODY, WIDEST_SHARD_DTYPE, check_free_space, error_text, file_bound,
+    max_shard_bytes, read_body_limited,
 };
 use super::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
 use super::verify::{GroupCheck, VerifyError, check_hash, verify_hash_signature};
@@ -129,7 +129,11 @@ pub async fn download_checkpoint(
         let p = p.clone();
         let group = group.clone();
         let span = super::http_span("GET", "/get-checkpoint", &url, attempt);
-        let bounds = Bounds { idle, deadline, cap };
+        let bounds = Bounds {
+            idle,
+            deadline,
+            cap,
+        };
         async move {
             let r = fetch_once(req, &file_path, &p, bounds, group, expected).await;
             super::record_attempt(&r);
@@ -368,7 +372,12 @@ async fn check_head(
         let location = resp
             .headers()
             .get(reqwest::header::LOCATION)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(200).collect())
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(200)
+                    .collect()
+            })
             .unwrap_or_default();
         return Err(AttemptError::Fatal(TransportError::Redirect {
             peer: peer.to_owned(),
@@ -416,7 +425,11 @@ async fn fetch_once(
     group: ExpertGroup,
     expected: ModelHash,
 ) -> Result<ModelHash, AttemptError<TransportError>> {
-    let Bounds { idle, deadline, cap } = bounds;
+    let Bounds {
+        idle,
+        deadline,
+        cap,
+    } = bounds;
     let timeout = TransportError::Timeout {
         peer: peer.to_owned(),
         what: "waiting for response headers",

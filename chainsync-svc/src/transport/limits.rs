@@ -300,11 +300,17 @@ mod tests {
             "::ffff:127.0.0.1",
         ] {
             assert!(!is_global_unicast(ip.parse().unwrap()), "{ip}");
-            assert!(check_peer_address(ip, PeerAddresses::GlobalOnly).is_err(), "{ip}");
+            assert!(
+                check_peer_address(ip, PeerAddresses::GlobalOnly).is_err(),
+                "{ip}"
+            );
         }
         for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
             assert!(is_global_unicast(ip.parse().unwrap()), "{ip}");
-            assert!(check_peer_address(ip, PeerAddresses::GlobalOnly).is_ok(), "{ip}");
+            assert!(
+                check_peer_address(ip, PeerAddresses::GlobalOnly).is_ok(),
+                "{ip}"
+            );
         }
         assert!(check_peer_address("127.0.0.1", PeerAddresses::AllowLocal).is_ok());
         assert!(check_peer_address("0.0.0.0", PeerAddresses::AllowLocal).is_err());

@@ -172,7 +172,12 @@ async fn read_reply(
         let location = resp
             .headers()
             .get(reqwest::header::LOCATION)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(200).collect())
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(200)
+                    .collect()
+            })
             .unwrap_or_default();
         return Err(AttemptError::Fatal(TransportError::Redirect {
             peer: peer.to_owned(),
