@@ -182,6 +182,7 @@ impl JobLog {
             path: dir.clone(),
             source,
         })?;
+        remove_stale_rewrites(&dir);
         let path = dir.join(JOBS_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -440,6 +441,27 @@ fn set_aside(path: &Path, bytes: &[u8], loaded: &Loaded) {
                 error = %e,
                 "the job journal has lines that do not parse and could not be rewritten; going on with the others"
             );
+        }
+    }
+}
+
+/// Removes `.jobs.jsonl.rewrite-<pid>` files of processes that died mid-rewrite.
+fn remove_stale_rewrites(dir: &Path) {
+    let prefix = format!(".{JOBS_FILE}.rewrite-");
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !miner_service::pid_alive(pid)
+        {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
