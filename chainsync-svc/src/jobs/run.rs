@@ -822,3 +822,23 @@ pub(crate) fn manual_download_limit(
         .saturating_mul(u32::try_from(cycle_length).unwrap_or(u32::MAX))
         .max(std::time::Duration::from_secs(60))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_manual_download_gets_one_cycle_and_at_least_a_minute() {
+        // Mainnet: 500 blocks of 12 s.
+        assert_eq!(
+            super::manual_download_limit(Duration::from_secs(12), 500),
+            Duration::from_secs(6000)
+        );
+        // A fast devnet still gets a minute; absurd inputs do not overflow.
+        assert_eq!(
+            super::manual_download_limit(Duration::from_millis(100), 20),
+            Duration::from_secs(60)
+        );
+        assert!(super::manual_download_limit(Duration::MAX, u64::MAX) >= Duration::from_secs(60));
+    }
+}
