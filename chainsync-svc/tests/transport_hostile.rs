@@ -359,7 +359,13 @@ async fn a_hostile_validator_gets_a_clear_error_in_bounded_time_and_memory() {
             deadline: Duration::from_secs(2),
             check: |e| {
                 matches!(e, TransportError::Deadline { .. })
-                    || matches!(last(e), TransportError::Timeout { .. })
+                    || matches!(
+                        last(e),
+                        TransportError::Timeout {
+                            what: "deadline reached mid-body",
+                            ..
+                        }
+                    )
             },
             within: 4.0,
         },

@@ -579,7 +579,13 @@ async fn receive_body(
             v = &mut *verifier => return Err(Received::VerifierDone(v)),
             c = tokio::time::timeout(wait, resp.chunk()) => c,
         };
-        let chunk = chunk.map_err(|_| retryable(timeout("waiting for body data")))?;
+        // A wait cut short by the deadline is the deadline, not an idle peer (a drip).
+        let what = if wait < idle {
+            "deadline reached mid-body"
+        } else {
+            "waiting for body data"
+        };
+        let chunk = chunk.map_err(|_| retryable(timeout(what)))?;
         match chunk {
             Ok(Some(bytes)) => {
                 got += bytes.len() as u64;
