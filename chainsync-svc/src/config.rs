@@ -33,6 +33,19 @@ pub struct Cli {
     /// Name of an environment variable holding the password of an encrypted hotkey.
     #[arg(long, env = "CHAINSYNC_PASSWORD_ENV")]
     pub password_env: Option<String>,
+    /// A file holding the password of an encrypted hotkey (mode 0600; one line). Wins over
+    /// the systemd credential and `--password-env`.
+    #[arg(long, env = "CHAINSYNC_WALLET_PASSWORD_FILE", value_name = "FILE")]
+    pub wallet_password_file: Option<PathBuf>,
+    /// The systemd credential holding the password (`LoadCredential=NAME:...` in the unit):
+    /// read from `$CREDENTIALS_DIRECTORY/NAME` when that is set and holds it.
+    #[arg(
+        long,
+        env = "CHAINSYNC_WALLET_PASSWORD_CREDENTIAL",
+        default_value = "wallet-password",
+        value_name = "NAME"
+    )]
+    pub wallet_password_credential: String,
     /// `finney`, `test`, `archive`, `local` or a ws:// / wss:// URL (default: `chain.network` of the config).
     #[arg(long, env = "CHAINSYNC_NETWORK")]
     pub network: Option<String>,
@@ -167,6 +180,9 @@ pub struct Settings {
     /// Transfer retry policies and commit attempts (the reference's, unless shortened by
     /// `--submit-retry-backoff-ms` / `--download-retry-backoff-ms`).
     pub policies: crate::jobs::Policies,
+    /// Which validator axon addresses may be connected to: global unicast only, unless the
+    /// chain is reached on loopback or a private address (a devnet).
+    pub peer_addresses: crate::transport::PeerAddresses,
 }
 
 impl std::fmt::Debug for Settings {
@@ -245,6 +261,9 @@ impl Settings {
         // The daemon always has a token (from the run directory), so only TLS is in question.
         miner_service::check_listen(cli.listen, tls.is_some(), true)
             .map_err(|e| bad("--listen", e.to_string()))?;
+        // The metrics address follows the same policy (it serves plain HTTP without a token).
+        miner_service::check_listen(cli.metrics_listen, tls.is_some(), true)
+            .map_err(|e| bad("--metrics-listen", e.to_string()))?;
         let (file, run_dir) = resolve_path(&cli.path);
         let (config, _) = MinerConfig::load(&file).map_err(|e| bad("--path", e.to_string()))?;
         let network = cli
@@ -290,23 +309,28 @@ impl Settings {
                 e.to_string(),
             )
         })?;
-        for (field, v) in [
-            ("chain.coldkey_name", &config.chain.coldkey_name),
-            ("chain.hotkey_name", &config.chain.hotkey_name),
+        for (field, what, v) in [
+            ("chain.coldkey_name", "coldkey", &config.chain.coldkey_name),
+            ("chain.hotkey_name", "hotkey", &config.chain.hotkey_name),
         ] {
-            if v.is_empty() || v.contains('/') {
-                return Err(bad(
-                    format!("{}: {field}", file.display()),
-                    format!("{v:?} is not a wallet name"),
-                ));
-            }
+            miner_keys::check_wallet_name(what, v)
+                .map_err(|e| bad(format!("{}: {field}", file.display()), e.to_string()))?;
         }
         let wallet_path = miner_keys::expand_home(&cli.wallet_path);
-        let hotkey = Hotkey::load(
+        let password = miner_keys::PasswordSource {
+            file: cli
+                .wallet_password_file
+                .as_deref()
+                .map(miner_keys::expand_home),
+            credential: Some(cli.wallet_password_credential.clone()),
+            credentials_dir: miner_keys::PasswordSource::credentials_dir_from_env(),
+            env: cli.password_env.clone(),
+        };
+        let hotkey = Hotkey::load_from(
             &wallet_path,
             &config.chain.coldkey_name,
             &config.chain.hotkey_name,
-            cli.password_env.as_deref(),
+            &password,
         )
         .map_err(|e| {
             let key = miner_keys::hotkey_path(
@@ -339,7 +363,6 @@ impl Settings {
             run_dir,
             netuid: config.chain.netuid,
             hotkey: Arc::new(hotkey),
-            endpoint,
             phase_source: cli.phase_source,
             owner_url,
             schedule,
@@ -351,6 +374,8 @@ impl Settings {
             local_whitelist,
             max_miners_per_validator: Some(5),
             policies,
+            peer_addresses: crate::transport::PeerAddresses::for_chain_url(endpoint.url()),
+            endpoint,
             config,
         })
     }

@@ -120,6 +120,18 @@ async fn run_full(
         metrics.clone(),
     )?;
 
+    // Staged downloads and trash of a previous process that died mid-write.
+    let run_dir = engine.run_dir().clone();
+    match tokio::task::spawn_blocking(move || run_dir.clean_stale_temporaries()).await {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(
+                removed = removed.len(),
+                "removed stale temporaries of dead writers"
+            )
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove stale temporaries"),
+        _ => {}
+    }
     let stop_servers = CancellationToken::new();
     let api = ChainSyncApi {
         engine: engine.clone(),

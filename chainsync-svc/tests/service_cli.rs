@@ -314,3 +314,101 @@ fn the_retry_backoff_and_block_time_flags_set_the_policies_and_timing() {
     let zero = Cli::try_parse_from(["chainsync-svc", "--path", "x", "--block-time-ms", "0"]);
     assert!(zero.is_err(), "a zero block time is refused");
 }
+
+#[test]
+fn wallet_names_with_dot_components_exit_64_naming_the_field() {
+    for (cold, hot) in [
+        ("..", "miner_1"),
+        ("miners", "."),
+        ("miners", "../miners/hotkeys/x"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        MinerConfig::new_run(cold, hot, "r")
+            .write(dir.path())
+            .unwrap();
+        let port = free_port();
+        let out = daemon(&dir.path().join("config.yaml"), &example_wallet(), port);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cold}/{hot}: {err}");
+        assert!(err.contains("is not a wallet name"), "{err}");
+        assert_untouched(dir.path(), port);
+    }
+}
+
+#[test]
+fn a_non_loopback_metrics_address_without_tls_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    MinerConfig::new_run("miners", "miner_1", "r")
+        .write(dir.path())
+        .unwrap();
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_chainsync-svc"))
+        .arg("--path")
+        .arg(dir.path())
+        .arg("--wallet-path")
+        .arg(example_wallet())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", "0.0.0.0:0", "--network", "local"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("--metrics-listen") && err.contains("TLS"),
+        "{err}"
+    );
+    assert_untouched(dir.path(), port);
+}
+
+/// An encrypted (`$NACL`) hotkey takes its password from `--wallet-password-file` or a systemd
+/// credential (`$CREDENTIALS_DIRECTORY/wallet-password`). The keyfile here is cut short after
+/// the prefix, so decryption fails right after the password is obtained: the error tells which
+/// stage was reached, without spending a real argon2 run.
+#[test]
+fn an_encrypted_hotkey_takes_its_password_from_a_file_or_a_systemd_credential() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let wallet = dir.path().join("wallets");
+    std::fs::create_dir_all(wallet.join("enc/hotkeys")).unwrap();
+    let key = wallet.join("enc/hotkeys/h");
+    std::fs::write(&key, b"$NACLshort").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = dir.path().join("run");
+    MinerConfig::new_run("enc", "h", "r").write(&run).unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    let run_with = |extra: &[&str], creds_dir: Option<&Path>| {
+        let port = free_port();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_chainsync-svc"));
+        c.arg("--path").arg(&run).arg("--wallet-path").arg(&wallet);
+        c.args(["--listen", &format!("127.0.0.1:{port}")]);
+        c.args(["--metrics-listen", "127.0.0.1:0", "--network", "local"]);
+        c.args(extra).env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(d) = creds_dir {
+            c.env("CREDENTIALS_DIRECTORY", d);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert_untouched(&run, port);
+        assert!(!err.contains("hunter2"), "the password leaked: {err}");
+        err
+    };
+    // No password anywhere.
+    let err = run_with(&[], Some(&creds));
+    assert!(err.contains("no password was given"), "{err}");
+    // The credential is found and used.
+    std::fs::write(creds.join("wallet-password"), "hunter2").unwrap();
+    let err = run_with(&[], Some(&creds));
+    assert!(err.contains("truncated"), "{err}");
+    // A password file readable by others is refused; a private one is used.
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file_flag = ["--wallet-password-file", pw.to_str().unwrap()];
+    let err = run_with(&file_flag, None);
+    assert!(err.contains("readable by others"), "{err}");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = run_with(&file_flag, None);
+    assert!(err.contains("truncated"), "{err}");
+}

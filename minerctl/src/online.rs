@@ -69,7 +69,35 @@ pub fn hint(binary: &str, uri: &str, s: &tonic::Status) -> Failure {
     }
 }
 
+/// Whether `uri` is plain `http://` to a host that is not loopback (where a token would cross
+/// the network in plaintext).
+fn plaintext_off_loopback(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
+}
+
 async fn channel(binary: &str, t: &ServiceTarget, timeout: Duration) -> Result<Channel, Failure> {
+    // The control token never crosses the network in plaintext.
+    if t.token.is_some() && plaintext_off_loopback(&t.uri) {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "refusing to send the control token in plaintext to {}: use https:// with --ca FILE (the service needs --tls-cert/--tls-key), or a loopback address",
+                t.uri
+            ),
+        ));
+    }
     let mut ep = Endpoint::from_shared(t.uri.clone())
         .map_err(|e| Failure::new(Exit::Usage, format!("bad address {}: {e}", t.uri)))?
         .connect_timeout(timeout)

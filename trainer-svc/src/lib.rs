@@ -120,6 +120,18 @@ pub async fn run_with(
         Some(t) => Some(t.server_config()?),
         None => None,
     };
+    // Staged checkpoints and trash of a previous process that died mid-write.
+    match miner_contract::RunDir::create(&settings.run_dir).map(|r| r.clean_stale_temporaries()) {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(
+                removed = removed.len(),
+                "removed stale temporaries of dead writers"
+            )
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove stale temporaries"),
+        Err(e) => tracing::warn!(error = %e, "could not open the run directory to clean it"),
+        _ => {}
+    }
     // The training thread publishes on its own channel; the merge task adds the phase and
     // republishes on `status_tx` (what the API, the metrics and the caller see).
     let (engine_tx, engine_rx) = watch::channel(status_tx.borrow().clone());

@@ -1,6 +1,6 @@
-//! `trainer-svc` binary: parse flags, validate config (exit 64, also for a refused listen
-//! address), bind, run, map the outcome to an exit status (0 on a clean stop, 1 on a fatal
-//! training error).
+//! `trainer-svc` binary: parse flags, validate config and the control token file (exit 64, also
+//! for a refused listen address), bind, run, map the outcome to an exit status (0 on a clean
+//! stop, 1 on a fatal training error).
 
 use std::process::ExitCode;
 
@@ -34,13 +34,23 @@ fn main() -> ExitCode {
             }
         }
     };
-    let settings = match Settings::from_cli(&cli) {
+    let mut settings = match Settings::from_cli(&cli) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("trainer-svc: {e}");
             return ExitCode::from(64);
         }
     };
+    // The control token (read, or created 0600) before anything is bound: a token file others
+    // can read, or one that is empty or malformed, is a configuration error (64), not a crash
+    // after binding that a supervisor would restart forever.
+    match miner_service::ControlToken::load_or_create(&settings.run_dir) {
+        Ok(t) => settings.control_token = Some(t),
+        Err(e) => {
+            eprintln!("trainer-svc: {e}");
+            return ExitCode::from(64);
+        }
+    }
     tracing::info!(
         run_dir = %settings.run_dir.display(),
         device = %device_name(settings.device),

@@ -206,3 +206,55 @@ print("ok", len(sd), len(shared), len(m))
         String::from_utf8_lossy(&py.stderr)
     );
 }
+
+/// A control token file others can read (or an empty one) is a configuration error found
+/// before anything is bound: exit 64 with the file named, not exit 1 after binding (which a
+/// supervisor would restart forever).
+#[test]
+fn a_bad_control_token_file_exits_64_before_binding() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::small_run_dir(tmp.path(), 100, "");
+    let control = run.join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let token = control.join("token");
+    for (content, mode, want) in [
+        ("0123456789abcdef\n", 0o644, "readable by others"),
+        ("\n", 0o600, "empty or not one line"),
+    ] {
+        std::fs::write(&token, content).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = Command::new(BIN)
+            .args(["--device", "cpu", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", "127.0.0.1:0", "--path"])
+            .arg(&run)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains(want) && err.contains("control/token"), "{err}");
+        assert!(!err.contains("0123456789abcdef"), "the token leaked: {err}");
+        assert!(!control.join("trainer.json").exists(), "nothing was bound");
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the gRPC port stays free");
+    }
+}
+
+#[test]
+fn a_non_loopback_metrics_address_without_tls_exits_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::small_run_dir(tmp.path(), 100, "");
+    let out = Command::new(BIN)
+        .args(["--device", "cpu", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "0.0.0.0:0", "--path"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("--metrics-listen"), "{err}");
+}

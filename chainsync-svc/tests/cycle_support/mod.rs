@@ -339,6 +339,8 @@ pub fn owner_api_cli(run_dir: &Path, owner_url: String) -> Cli {
         path: run_dir.join("config.yaml"),
         wallet_path: wallet_dir(),
         password_env: None,
+        wallet_password_file: None,
+        wallet_password_credential: "wallet-password".into(),
         network: None,
         phase_source: PhaseSourceKind::OwnerApi,
         owner_url: Some(owner_url),

@@ -52,6 +52,113 @@ pub enum KeyError {
     Ss58(#[from] Ss58Error),
     #[error("parse secret URI: {0}")]
     BadUri(String),
+    #[error("{what} name {name:?} is not a wallet name (no '/', '.', '..' or empty names)")]
+    BadWalletName { what: &'static str, name: String },
+    #[error("password file {path}: {reason}")]
+    PasswordFile { path: PathBuf, reason: String },
+}
+
+/// Refuses a coldkey or hotkey name that would leave `<wallet>/<coldkey>/hotkeys/`: empty,
+/// `.`, `..`, or with a `/`, a `\\` or a NUL.
+pub fn check_wallet_name(what: &'static str, name: &str) -> Result<(), KeyError> {
+    let bad = name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\', '\0'])
+        || name.chars().any(char::is_control);
+    if bad {
+        return Err(KeyError::BadWalletName {
+            what,
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Where the password of an encrypted hotkey comes from, in this order: a file
+/// (`--wallet-password-file`), a systemd credential (`$CREDENTIALS_DIRECTORY/<credential>`,
+/// from `LoadCredential=`), an environment variable, the terminal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PasswordSource {
+    /// A file holding the password (one line; a trailing newline is dropped). Refused when
+    /// group or others can read it.
+    pub file: Option<PathBuf>,
+    /// The name of a systemd credential, read from `credentials_dir` when that holds it.
+    pub credential: Option<String>,
+    /// systemd's `$CREDENTIALS_DIRECTORY` (see [`PasswordSource::credentials_dir_from_env`]).
+    pub credentials_dir: Option<PathBuf>,
+    /// The name of an environment variable holding the password.
+    pub env: Option<String>,
+}
+
+/// The password in a file, without its trailing newline.
+fn read_password_file(path: &Path, check_mode: bool) -> Result<Zeroizing<String>, KeyError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |reason: String| KeyError::PasswordFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mode = f
+        .metadata()
+        .map_err(|e| bad(e.to_string()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if check_mode && mode & 0o077 != 0 {
+        return Err(bad(format!(
+            "readable by others (mode {mode:o}); run `chmod 600 {}`",
+            path.display()
+        )));
+    }
+    // Room for the whole read up front, so no reallocation leaves a copy behind.
+    let mut raw = Zeroizing::new(Vec::with_capacity((64 << 10) + 1));
+    f.by_ref()
+        .take(64 << 10)
+        .read_to_end(&mut raw)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut end = raw.len();
+    if raw[..end].ends_with(b"\n") {
+        end -= 1;
+        if raw[..end].ends_with(b"\r") {
+            end -= 1;
+        }
+    }
+    let text = std::str::from_utf8(&raw[..end]).map_err(|_| bad("not UTF-8".into()))?;
+    if text.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
+impl PasswordSource {
+    /// `$CREDENTIALS_DIRECTORY`, set by systemd for a unit with `LoadCredential=`.
+    pub fn credentials_dir_from_env() -> Option<PathBuf> {
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+    }
+
+    /// The systemd credential's path, when one is configured and present.
+    pub fn credential_path(&self) -> Option<PathBuf> {
+        let name = self.credential.as_deref()?;
+        if check_wallet_name("credential", name).is_err() {
+            return None;
+        }
+        let p = self.credentials_dir.as_deref()?.join(name);
+        p.is_file().then_some(p)
+    }
+
+    /// The password for the encrypted keyfile at `keyfile` (named in errors).
+    pub fn obtain(&self, keyfile: &Path) -> Result<Zeroizing<String>, KeyError> {
+        if let Some(f) = &self.file {
+            return read_password_file(f, true);
+        }
+        if let Some(c) = self.credential_path() {
+            // systemd owns the credential's mode; it is readable by this service only.
+            return read_password_file(&c, false);
+        }
+        obtain_password(keyfile, self.env.as_deref())
+    }
 }
 
 /// A hotkey: an sr25519 key pair that signs messages and extrinsics.
@@ -114,10 +221,26 @@ impl Hotkey {
         hotkey: &str,
         password_env: Option<&str>,
     ) -> Result<Hotkey, KeyError> {
+        let source = PasswordSource {
+            env: password_env.map(str::to_owned),
+            ..PasswordSource::default()
+        };
+        Self::load_from(wallet_path, coldkey, hotkey, &source)
+    }
+
+    /// As [`Hotkey::load`], the password of an encrypted keyfile taken from `source`.
+    pub fn load_from(
+        wallet_path: &Path,
+        coldkey: &str,
+        hotkey: &str,
+        source: &PasswordSource,
+    ) -> Result<Hotkey, KeyError> {
+        check_wallet_name("coldkey", coldkey)?;
+        check_wallet_name("hotkey", hotkey)?;
         let path = hotkey_path(wallet_path, coldkey, hotkey);
         let data = read_keyfile(&path)?;
         let password = if encryption_of(&data) == KeyfileEncryption::Nacl {
-            Some(obtain_password(&path, password_env)?)
+            Some(source.obtain(&path)?)
         } else {
             None
         };
@@ -245,7 +368,10 @@ fn obtain_password(path: &Path, password_env: Option<&str>) -> Result<Zeroizing<
     }
     let hint = match password_env {
         Some(var) => format!("set the environment variable {var}"),
-        None => "configure a password environment variable".to_owned(),
+        None => {
+            "pass --wallet-password-file, a systemd credential or a password environment variable"
+                .to_owned()
+        }
     };
     if std::io::stdin().is_terminal() {
         let prompt = format!("Password for {}: ", path.display());

@@ -232,3 +232,73 @@ fn libsodium_encrypted_keyfile_decrypts() {
         .unwrap();
     assert_eq!(key.ss58(), EXAMPLE_HOTKEY_SS58);
 }
+
+#[test]
+fn the_password_comes_from_a_private_file_or_a_systemd_credential() {
+    use miner_keys::PasswordSource;
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = Path::new("/wallets/c/hotkeys/h");
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "s3cret pass\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("wallet-password"), "from systemd").unwrap();
+
+    let from_file = PasswordSource {
+        file: Some(file.clone()),
+        credential: Some("wallet-password".into()),
+        credentials_dir: Some(creds.clone()),
+        env: None,
+    };
+    assert_eq!(from_file.obtain(keyfile).unwrap().as_str(), "s3cret pass");
+    let from_cred = PasswordSource {
+        file: None,
+        ..from_file.clone()
+    };
+    assert_eq!(from_cred.obtain(keyfile).unwrap().as_str(), "from systemd");
+    // No source: the error says where a password can come from (stdin is not a terminal here).
+    let none = PasswordSource {
+        credentials_dir: Some(dir.path().join("absent")),
+        ..from_cred.clone()
+    };
+    let err = none.obtain(keyfile).unwrap_err().to_string();
+    assert!(err.contains("--wallet-password-file"), "{err}");
+    // A password file others can read is refused, naming it; its content never shows.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = from_file.obtain(keyfile).unwrap_err().to_string();
+    assert!(
+        err.contains("readable by others") && err.contains("pw"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+    // A credential name cannot leave the credentials directory.
+    let escape = PasswordSource {
+        credential: Some("../pw".into()),
+        ..from_cred
+    };
+    assert!(escape.credential_path().is_none());
+}
+
+#[test]
+fn wallet_names_that_leave_the_wallet_directory_are_refused() {
+    for bad in ["", ".", "..", "a/b", "../x", "a\\b", "a\0b", "a\nb"] {
+        let err = Hotkey::load(Path::new("/nonexistent"), bad, "h", None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::BadWalletName {
+                    what: "coldkey",
+                    ..
+                }
+            ),
+            "{bad:?}: {err}"
+        );
+        let err = Hotkey::load(Path::new("/nonexistent"), "c", bad, None).unwrap_err();
+        assert!(
+            matches!(err, KeyError::BadWalletName { what: "hotkey", .. }),
+            "{bad:?}: {err}"
+        );
+    }
+    assert!(miner_keys::check_wallet_name("hotkey", "miner_1.v2").is_ok());
+}

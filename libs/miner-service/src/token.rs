@@ -1,5 +1,6 @@
 //! The control token: a random secret in `<run>/control/token` (mode 0600, created on first
 //! start), sent as `authorization: Bearer <token>` and checked in constant time by [`AuthLayer`].
+//! Temporaries of writers that died before linking the file are removed on the next start.
 
 use std::future::Future;
 use std::io::Write;
@@ -100,6 +101,7 @@ impl ControlToken {
     /// services starting together agree on one token: the file appears atomically (a hard
     /// link of a fsynced temp file) and the loser reads the winner's.
     pub fn load_or_create(run_dir: &Path) -> Result<ControlToken, TokenError> {
+        remove_stale_token_temporaries(&crate::control_dir(run_dir));
         let path = Self::path_in(run_dir);
         if path.exists() {
             return Self::read(&path);
@@ -151,6 +153,32 @@ impl ControlToken {
     /// The `authorization` metadata value.
     pub fn bearer(&self) -> String {
         format!("Bearer {}", self.0)
+    }
+}
+
+/// Removes `.token.<pid>.<nonce>.tmp` files left in `dir` by writers that died between
+/// creating and linking them (a live writer's file is left alone).
+pub fn remove_stale_token_temporaries(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = name
+            .strip_prefix(".token.")
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !crate::pid_alive(pid)
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            tracing::info!(path = %e.path().display(), "removed a stale control token temporary");
+        }
     }
 }
 
