@@ -3,10 +3,10 @@
 //!
 //! Everything behind [`RemoteRepo`] is hostile: every read is bounded by the caller (`len` bytes
 //! exactly, never more), listings are capped, each request has a connect and a per-read stall
-//! timeout, and errors are one escaped line. [`HttpRepo`] speaks the Hub's HTTP API (`resolve` with
-//! `Range`, `api/<kind>s/<repo>/revision/<rev>`, `api/<kind>s/<repo>/tree/<sha>?recursive=true`); the
-//! lead can put `miner-hub`'s client behind the same trait. [`download_range_to`] adds retries that
-//! keep the bytes already written (a Hub that fails mid-file loses nothing).
+//! timeout, and errors are one escaped line. [`HttpRepo`] adapts `miner-hub`'s client (revision →
+//! commit, tree listing, bounded `Range` reads of at most 16 MiB each, pinned to the commit).
+//! [`download_range_to`] adds retries that keep the bytes already written (a Hub that fails
+//! mid-file loses nothing).
 
 use std::io::Write;
 use std::path::Path;
@@ -17,21 +17,6 @@ use std::time::Duration;
 pub enum RepoKind {
     Model,
     Dataset,
-}
-
-impl RepoKind {
-    fn api(self) -> &'static str {
-        match self {
-            RepoKind::Model => "models",
-            RepoKind::Dataset => "datasets",
-        }
-    }
-    fn resolve_prefix(self) -> &'static str {
-        match self {
-            RepoKind::Model => "",
-            RepoKind::Dataset => "datasets/",
-        }
-    }
 }
 
 /// An error talking to the Hub; `retryable` ones are worth another try.
@@ -262,29 +247,20 @@ impl HubEndpoint {
     }
 }
 
-/// A Hub repository over HTTP, pinned at the commit its revision resolved to on first use.
+/// A Hub repository through `miner-hub`'s client, pinned at the commit its revision resolved to
+/// on first use.
 pub struct HttpRepo {
-    ep: HubEndpoint,
+    client: miner_hub::HubClient,
     kind: RepoKind,
-    repo: String,
+    repo: miner_hub::RepoId,
     revision: String,
-    client: reqwest::Client,
     rt: tokio::runtime::Runtime,
     commit: std::sync::OnceLock<String>,
+    endpoint: String,
 }
 
-/// Percent-encodes a repository path, keeping `/`.
-fn encode_path(p: &str) -> String {
-    let mut out = String::with_capacity(p.len());
-    for b in p.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// Largest single `Range` request (the client caps one read at 64 MiB).
+const RANGE_CHUNK: u64 = 16 << 20;
 
 impl HttpRepo {
     /// Builds the client (no network yet). Call from a plain thread, not inside an async runtime.
@@ -294,118 +270,66 @@ impl HttpRepo {
         repo: &str,
         revision: &str,
     ) -> Result<Self, HubError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let what = format!("{repo}@{revision}");
         let proto = |reason: String| HubError::Protocol {
             what: what.clone(),
             reason,
         };
-        let client = reqwest::Client::builder()
-            .connect_timeout(ep.connect_timeout)
-            .read_timeout(ep.read_timeout)
-            .user_agent(concat!("trainer-svc/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| proto(format!("build HTTP client: {e}")))?;
+        let repo_id: miner_hub::RepoId = repo
+            .parse()
+            .map_err(|e: miner_hub::InvalidRepoId| proto(e.to_string()))?;
+        let cfg = miner_hub::HubConfig {
+            endpoint: ep.url.clone(),
+            token: ep.token.clone(),
+            connect_timeout: ep.connect_timeout,
+            read_timeout: ep.read_timeout,
+            // Retries that keep downloaded bytes happen here ([`download_range_to`]).
+            max_retries: 2,
+            ..miner_hub::HubConfig::default()
+        };
+        let client = miner_hub::HubClient::new(cfg).map_err(|e| proto(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| proto(format!("start HTTP runtime: {e}")))?;
         Ok(HttpRepo {
-            ep: ep.clone(),
-            kind,
-            repo: repo.to_string(),
-            revision: revision.to_string(),
             client,
+            kind,
+            repo: repo_id,
+            revision: revision.to_string(),
             rt,
             commit: std::sync::OnceLock::new(),
+            endpoint: ep.url.clone(),
         })
     }
 
-    fn get(&self, url: &str) -> reqwest::RequestBuilder {
-        let r = self.client.get(url);
-        match &self.ep.token {
-            Some(t) => r.bearer_auth(t),
-            None => r,
+    fn hub_kind(&self) -> miner_hub::RepoType {
+        match self.kind {
+            RepoKind::Model => miner_hub::RepoType::Model,
+            RepoKind::Dataset => miner_hub::RepoType::Dataset,
         }
     }
 
-    fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response, HubError> {
-        let resp = self.rt.block_on(req.send()).map_err(|e| HubError::Unreachable {
-            what: what.to_string(),
-            endpoint: self.ep.url.clone(),
-            reason: one_line(&e),
-        })?;
-        let status = resp.status().as_u16();
-        match status {
-            200..=299 => Ok(resp),
-            404 => Err(HubError::NotFound {
-                what: what.to_string(),
-            }),
-            401 | 403 => Err(HubError::Denied {
-                what: what.to_string(),
-                status,
-            }),
-            _ => Err(HubError::Status {
-                what: what.to_string(),
-                status,
-            }),
+    fn map(&self, what: &str, e: miner_hub::HubError) -> HubError {
+        use miner_hub::HubError as E;
+        let what = what.to_string();
+        match e {
+            E::NotFound { .. } => HubError::NotFound { what },
+            E::Unauthorized { .. } => HubError::Denied { what, status: 401 },
+            E::Forbidden { .. } => HubError::Denied { what, status: 403 },
+            E::RateLimited { .. } => HubError::Status { what, status: 429 },
+            E::Server { status, .. } => HubError::Status { what, status },
+            E::Timeout { .. } | E::Connection { .. } => HubError::Unreachable {
+                what,
+                endpoint: self.endpoint.clone(),
+                reason: e.to_string(),
+            },
+            other => HubError::Protocol {
+                what,
+                reason: other.to_string(),
+            },
         }
     }
-
-    /// Reads a JSON body of at most `cap` bytes.
-    fn get_json(&self, what: &str, url: &str, cap: usize) -> Result<(serde_json::Value, Option<String>), HubError> {
-        let mut resp = self.send(what, self.get(url))?;
-        let next = resp
-            .headers()
-            .get("link")
-            .and_then(|v| v.to_str().ok())
-            .and_then(next_link);
-        let mut body = Vec::new();
-        while let Some(c) = self.chunk(what, &mut resp)? {
-            if body.len() + c.len() > cap {
-                return Err(HubError::Protocol {
-                    what: what.to_string(),
-                    reason: format!("answer is larger than {cap} bytes"),
-                });
-            }
-            body.extend_from_slice(&c);
-        }
-        let v = serde_json::from_slice(&body).map_err(|e| HubError::Protocol {
-            what: what.to_string(),
-            reason: format!("invalid JSON: {e}"),
-        })?;
-        Ok((v, next))
-    }
-
-    fn chunk(&self, what: &str, resp: &mut reqwest::Response) -> Result<Option<bytes::Bytes>, HubError> {
-        self.rt.block_on(resp.chunk()).map_err(|e| HubError::Unreachable {
-            what: what.to_string(),
-            endpoint: self.ep.url.clone(),
-            reason: one_line(&e),
-        })
-    }
-}
-
-/// An error and its causes on one line, control characters escaped.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s.escape_debug().to_string()
-}
-
-/// The `rel="next"` URL of a `Link` header.
-fn next_link(h: &str) -> Option<String> {
-    h.split(',').find_map(|part| {
-        let (url, params) = part.split_once(';')?;
-        params
-            .contains("rel=\"next\"")
-            .then(|| url.trim().trim_start_matches('<').trim_end_matches('>').to_string())
-    })
 }
 
 impl RemoteRepo for HttpRepo {
@@ -417,69 +341,38 @@ impl RemoteRepo for HttpRepo {
         if let Some(c) = self.commit.get() {
             return Ok(c.clone());
         }
-        let what = self.label();
-        let url = format!(
-            "{}/api/{}/{}/revision/{}",
-            self.ep.url,
-            self.kind.api(),
-            self.repo,
-            encode_path(&self.revision)
-        );
-        let (v, _) = with_retries(self, "", || self.get_json(&what, &url, 16 << 20))?;
-        let sha = v
-            .get("sha")
-            .and_then(|s| s.as_str())
-            .filter(|s| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| HubError::Protocol {
-                what: what.clone(),
-                reason: "revision answer has no 40-hex `sha`".into(),
-            })?;
-        Ok(self.commit.get_or_init(|| sha.to_ascii_lowercase()).clone())
+        let info = self
+            .rt
+            .block_on(
+                self.client
+                    .repo_info(&self.repo, self.hub_kind(), Some(&self.revision)),
+            )
+            .map_err(|e| self.map(&self.label(), e))?;
+        Ok(self
+            .commit
+            .get_or_init(|| info.sha.to_ascii_lowercase())
+            .clone())
     }
 
     fn list_files(&self) -> Result<Vec<RemoteFile>, HubError> {
         let sha = self.commit()?;
-        let what = format!("{} file list", self.label());
-        let mut url = format!(
-            "{}/api/{}/{}/tree/{sha}?recursive=true",
-            self.ep.url,
-            self.kind.api(),
-            self.repo
-        );
-        let mut out = Vec::new();
-        for _page in 0..10_000 {
-            let (v, next) = with_retries(self, "", || self.get_json(&what, &url, 64 << 20))?;
-            let items = v.as_array().ok_or_else(|| HubError::Protocol {
-                what: what.clone(),
-                reason: "tree answer is not a JSON array".into(),
-            })?;
-            for it in items {
-                if it.get("type").and_then(|t| t.as_str()) != Some("file") {
-                    continue;
-                }
-                let (Some(path), Some(size)) = (
-                    it.get("path").and_then(|p| p.as_str()),
-                    it.get("size").and_then(|s| s.as_u64()),
-                ) else {
-                    continue;
-                };
-                out.push(RemoteFile {
-                    path: path.to_string(),
-                    size,
-                });
-                if out.len() > MAX_LISTING {
-                    return Err(HubError::Protocol {
-                        what,
-                        reason: format!("more than {MAX_LISTING} files"),
-                    });
-                }
-            }
-            match next {
-                Some(n) if n.starts_with(&self.ep.url) => url = n,
-                _ => return Ok(out),
-            }
+        let files = self
+            .rt
+            .block_on(self.client.list_files(&self.repo, self.hub_kind(), &sha, None))
+            .map_err(|e| self.map(&format!("{} file list", self.label()), e))?;
+        if files.len() > MAX_LISTING {
+            return Err(HubError::Protocol {
+                what: self.label(),
+                reason: format!("more than {MAX_LISTING} files"),
+            });
         }
-        Ok(out)
+        Ok(files
+            .into_iter()
+            .map(|f| RemoteFile {
+                path: f.path,
+                size: f.size,
+            })
+            .collect())
     }
 
     fn read_range(
@@ -490,42 +383,33 @@ impl RemoteRepo for HttpRepo {
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), HubError> {
         let what = format!("{}/{file:?}", self.label());
-        if len == 0 {
-            return Ok(());
-        }
         let sha = self.commit()?;
-        let url = format!(
-            "{}/{}{}/resolve/{sha}/{}",
-            self.ep.url,
-            self.kind.resolve_prefix(),
-            self.repo,
-            encode_path(file)
-        );
-        let end = start + len - 1;
-        let req = self.get(&url).header("range", format!("bytes={start}-{end}"));
-        let mut resp = self.send(&what, req)?;
-        // 206 is the answer to a range; a 200 is the whole file, acceptable from offset 0 only.
-        if resp.status().as_u16() != 206 && start != 0 {
-            return Err(HubError::Protocol {
-                what,
-                reason: format!("asked for a byte range, got HTTP {}", resp.status().as_u16()),
-            });
-        }
-        let mut got = 0u64;
-        while got < len {
-            let Some(c) = self.chunk(&what, &mut resp)? else {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(RANGE_CHUNK);
+            let bytes = self
+                .rt
+                .block_on(self.client.get_range(
+                    &self.repo,
+                    self.hub_kind(),
+                    &sha,
+                    file,
+                    start + done,
+                    n,
+                ))
+                .map_err(|e| self.map(&what, e))?;
+            if bytes.len() as u64 != n {
                 return Err(HubError::Unreachable {
                     what,
-                    endpoint: self.ep.url.clone(),
-                    reason: format!("connection closed after {got} of {len} bytes"),
+                    endpoint: self.endpoint.clone(),
+                    reason: format!("range read returned {} of {n} bytes", bytes.len()),
                 });
-            };
-            let take = (c.len() as u64).min(len - got) as usize;
-            sink(&c[..take]).map_err(|e| HubError::Io {
+            }
+            sink(&bytes).map_err(|e| HubError::Io {
                 what: what.clone(),
                 reason: e.to_string(),
             })?;
-            got += take as u64;
+            done += n;
         }
         Ok(())
     }
@@ -548,15 +432,5 @@ mod tests {
         for bad in ["/x", "a/b/c", "a", "a/b@", "a/b@../x", "a b/c", "./c", "a/b@x y"] {
             assert_eq!(parse_repo_ref(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn link_header() {
-        assert_eq!(
-            next_link("<http://h/api/x?cursor=2>; rel=\"next\""),
-            Some("http://h/api/x?cursor=2".into())
-        );
-        assert_eq!(next_link("<http://h/a>; rel=\"prev\""), None);
-        assert_eq!(encode_path("en/c4 x.json.gz"), "en/c4%20x.json.gz");
     }
 }
