@@ -352,10 +352,17 @@ impl Settings {
         let hub_cache = cli.hub_cache.clone().unwrap_or_else(|| root.join("hub_cache"));
         let base_weights = match &cli.base_weights {
             Some(b) => Some(BaseWeights::parse(b).map_err(|e| bad("--base-weights", e))?),
-            // A configured group starts from `model.model_path` (addendum A3); empty: random init.
-            None if !embedded && !cfg.model.model_path.is_empty() => Some(
-                BaseWeights::parse(&cfg.model.model_path).map_err(|e| bad("model.model_path", e))?,
-            ),
+            // A configured group starts from `model.model_path` (addendum A3); empty or a file
+            // (a local `tokenizer.json`): random init.
+            None if !embedded
+                && !cfg.model.model_path.is_empty()
+                && !Path::new(&cfg.model.model_path).is_file() =>
+            {
+                Some(
+                    BaseWeights::parse(&cfg.model.model_path)
+                        .map_err(|e| bad("model.model_path", e))?,
+                )
+            }
             None => None,
         };
 

@@ -56,6 +56,19 @@ impl Needs {
         }
     }
 
+    /// A digest of what is needed (keys the saved plan).
+    fn key(&self) -> String {
+        let mut h = blake2::Blake2b::<blake2::digest::consts::U32>::new();
+        for n in &self.backbone {
+            h.update(n.as_bytes());
+            h.update([0]);
+        }
+        for (l, v) in &self.experts {
+            h.update(format!("{l}:{v:?};").as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
     /// Whether a checkpoint tensor name is used (per-expert HF names of owned experts; stacked
     /// expert tensors of layers with owned experts).
     pub fn wants(&self, name: &str) -> bool {
@@ -328,32 +341,28 @@ struct Plan {
     repo_bytes: u64,
 }
 
-/// What to fetch: from the remote headers, or (offline, everything cached) from `plan.json`.
+/// What to fetch: the plan saved for this commit and these needs (a commit never changes), else
+/// from the remote headers (then saved as `plan.json`).
 fn plan(repo: &dyn RemoteRepo, dir: &Path, needs: &Needs) -> anyhow::Result<Plan> {
     #[derive(Serialize, Deserialize)]
     struct Saved {
+        needs: String,
         tensors: BTreeMap<String, Sidecar>,
         repo_bytes: u64,
     }
+    let key = needs.key();
     let saved_path = dir.join("plan.json");
-    let files = match repo.list_files() {
-        Ok(f) => f,
-        Err(e @ HubError::Unreachable { .. }) => {
-            let saved: Saved = std::fs::read(&saved_path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or(e)?;
-            return Ok(Plan {
-                tensors: saved
-                    .tensors
-                    .into_iter()
-                    .filter(|(n, _)| needs.wants(n))
-                    .collect(),
-                repo_bytes: saved.repo_bytes,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
+    if let Some(saved) = std::fs::read(&saved_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+        .filter(|s| s.needs == key)
+    {
+        return Ok(Plan {
+            tensors: saved.tensors,
+            repo_bytes: saved.repo_bytes,
+        });
+    }
+    let files = repo.list_files()?;
     let repo_bytes = files
         .iter()
         .filter(|f| f.path.ends_with(".safetensors"))
@@ -388,6 +397,7 @@ fn plan(repo: &dyn RemoteRepo, dir: &Path, needs: &Needs) -> anyhow::Result<Plan
         tracing::warn!(missing = ?missing, "base weights lack some backbone tensors; they keep their initial values");
     }
     let saved = Saved {
+        needs: key,
         tensors: tensors.clone(),
         repo_bytes,
     };
