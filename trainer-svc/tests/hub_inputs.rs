@@ -507,8 +507,9 @@ fn hub_datasets_stream_shard_by_shard_and_resume_without_repeats() {
     let mut first = TrainStream::new(&st.data.sources, st.data.vali_fraction).unwrap();
     let mut seen = take(&mut first, 50);
     let pos = first.position();
-    let c4 = &pos.sources[0];
-    assert!(c4.hub.is_some(), "{pos:?}");
+    let c4 = pos.sources[0].hub.as_ref().expect("C4 position");
+    // Stopped in the middle of a shard: the resume continues inside it.
+    assert!(c4.shard_doc > 0, "{pos:?}");
     drop(first);
     // Only the shards read so far were downloaded.
     let gets = resolve_gets(&hub.hub);
@@ -573,4 +574,58 @@ fn an_unparsable_dataset_shard_is_skipped_and_counted() {
     assert!(after > before, "skipped shards {before} -> {after}");
     assert!(!docs.iter().any(|d| d.starts_with("nemotron s1")));
     assert!(docs.iter().any(|d| d.starts_with("nemotron s2")), "stream went on past the bad shard");
+}
+
+fn state_position(run: &Path, ckpt: &str) -> trainer_svc::data::DataPosition {
+    let st: trainer_svc::engine::checkpoint::TrainerStateFile = serde_json::from_slice(
+        &std::fs::read(run.join(ckpt).join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    st.data
+}
+
+/// Advances `stream` until its position equals `target` (at most `limit` documents).
+fn docs_until(
+    stream: &mut TrainStream,
+    target: &trainer_svc::data::DataPosition,
+    limit: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    while stream.position() != *target {
+        assert!(out.len() < limit, "never reached {target:?}");
+        out.push(stream.next_doc().unwrap().1);
+    }
+    out
+}
+
+#[test]
+fn training_from_hub_datasets_restarts_where_the_checkpoint_stopped() {
+    let hub = start_hub();
+    let data = tempfile::tempdir().unwrap();
+    seed_datasets(&hub.hub, data.path(), 40);
+    let s = setup("", HUB_SOURCES);
+    let ep = hub.hub.endpoint();
+    let cache = s.root().join("cache");
+    // First run: 3 steps, then the process ends (its checkpoint holds the data position).
+    let st = settings(&s, &ep, &cache, &["--max-steps", "3"]);
+    let sources = st.data.sources.clone();
+    let vali = st.data.vali_fraction;
+    let (tx, _rx) = watch::channel(StatusSnapshot::default());
+    trainer_svc::engine::run(st, Arc::new(Control::default()), tx).unwrap();
+    let p1 = state_position(&s.run, "globalver_0_inneropt_3");
+    assert!(p1.sources.iter().all(|p| p.hub.is_some()), "{p1:?}");
+    // Restart: resumes from that checkpoint and trains 3 more steps.
+    let st = settings(&s, &ep, &cache, &["--max-steps", "3"]);
+    let (tx, _rx) = watch::channel(StatusSnapshot::default());
+    trainer_svc::engine::run(st, Arc::new(Control::default()), tx).unwrap();
+    let p2 = state_position(&s.run, "globalver_0_inneropt_6");
+    // The documents of both runs are exactly one uninterrupted stream: none seen twice.
+    let mut fresh = TrainStream::new(&sources, vali).unwrap();
+    let run1 = docs_until(&mut fresh, &p1, 1000);
+    let run2 = docs_until(&mut fresh, &p2, 1000);
+    assert!(!run1.is_empty() && !run2.is_empty());
+    let all: HashSet<&String> = run1.iter().chain(&run2).collect();
+    assert_eq!(all.len(), run1.len() + run2.len(), "a document was trained on twice");
+    let mut resumed = TrainStream::resume(&sources, vali, &p1).unwrap();
+    assert_eq!(docs_until(&mut resumed, &p2, 1000), run2);
 }
