@@ -21,6 +21,50 @@ fn offline_hint(s: &Settings, what: &str) -> String {
     )
 }
 
+/// Largest `config.json` accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// When [`Settings::model_from_base`]: the model is the base weights' `config.json` (a directory's,
+/// or the Hub repo's at the same revision, cached) with the Connito overrides (spec §8.1). A
+/// directory without one keeps the built-in DeepSeek-V2-Lite config.
+pub fn resolve_model_config(s: &mut Settings) -> anyhow::Result<()> {
+    if !s.model_from_base {
+        return Ok(());
+    }
+    let path = match &s.base_weights {
+        None => return Ok(()),
+        Some(BaseWeights::Dir(d)) => {
+            let p = d.join("config.json");
+            if !p.is_file() {
+                return Ok(());
+            }
+            p
+        }
+        Some(BaseWeights::Hub { repo, revision }) => {
+            let r = hub::open_repo(&s.hub, RepoKind::Model, repo, revision)?;
+            hub_weights::fetch_file(
+                r.as_ref(),
+                repo,
+                revision,
+                &s.hub_cache,
+                "config.json",
+                MAX_CONFIG_BYTES,
+            )
+            .with_context(|| offline_hint(s, &format!("the model config of {repo}@{revision}")))?
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read model config {}", path.display()))?;
+    let cfg: crate::model::ModelConfig = serde_json::from_str(&text)
+        .with_context(|| format!("parse model config {}", path.display()))?;
+    let cfg = cfg.with_connito_overrides(s.data.sequence_length);
+    cfg.validate()
+        .with_context(|| format!("model config {}", path.display()))?;
+    tracing::info!(config = %path.display(), layers = cfg.num_hidden_layers, experts = cfg.n_routed_experts, "model config from the base weights");
+    s.model = cfg;
+    Ok(())
+}
+
 /// The tokenizer the settings name.
 pub fn load_tokenizer(s: &Settings) -> anyhow::Result<TextTokenizer> {
     Ok(match &s.data.tokenizer {

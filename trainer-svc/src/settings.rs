@@ -169,6 +169,10 @@ pub struct Settings {
     pub precision: Precision,
     pub max_steps: Option<u64>,
     pub model: ModelConfig,
+    /// Replace [`Self::model`] by the base weights' `config.json` (with the Connito overrides)
+    /// when training starts: a configured group without `--model-config`, as upstream builds the
+    /// model from `model.model_path`'s config.
+    pub model_from_base: bool,
     pub base_weights: Option<BaseWeights>,
     /// The Hub (endpoint, token, timeouts) for Hub base weights, tokenizer and datasets.
     pub hub: crate::model::hub::HubEndpoint,
@@ -450,12 +454,14 @@ impl Settings {
                 .map_err(|e| bad("task.exp.data.dataset_sources", e.to_string()))?;
         }
         let gao = cfg.local_par.global_opt_interval;
+        let model_from_base = !embedded && cli.model_config.is_none() && base_weights.is_some();
         Ok(Settings {
             run_dir,
             device,
             precision,
             max_steps: cli.max_steps,
             model,
+            model_from_base,
             base_weights,
             hub,
             hub_cache,

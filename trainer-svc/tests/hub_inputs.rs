@@ -629,3 +629,114 @@ fn training_from_hub_datasets_restarts_where_the_checkpoint_stopped() {
     let mut resumed = TrainStream::resume(&sources, vali, &p1).unwrap();
     assert_eq!(docs_until(&mut resumed, &p2, 1000), run2);
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_trainer-svc");
+
+fn reference_run(root: &Path) -> PathBuf {
+    // The reference config: the live group, everything else default (model.model_path =
+    // deepseek-ai/DeepSeek-V2-Lite, the group's Hub datasets).
+    let run = root.join("run");
+    write(
+        &run.join("config.yaml"),
+        "task:\n  expert_group_name: exp_math\nlog:\n  eval_batches: 2\n",
+    );
+    run
+}
+
+fn run_binary(run: &Path, endpoint: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args([
+            "--path",
+            run.join("config.yaml").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-steps",
+            "1",
+        ])
+        .env("HF_ENDPOINT", endpoint)
+        .env_remove("HF_TOKEN")
+        .env_remove("TRAINER_BASE_WEIGHTS")
+        .env_remove("TRAINER_MODEL_CONFIG")
+        .env_remove("TRAINER_HUB_CACHE")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("run trainer-svc")
+}
+
+#[test]
+fn reference_config_trains_from_the_hub_with_no_other_flag_and_offline_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    // Offline: exits non-zero with one line naming what is missing and how to provide it.
+    let run = reference_run(&root.join("offline"));
+    let out = run_binary(&run, "http://127.0.0.1:1");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("trainer-svc: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    eprintln!("offline: {line}");
+    assert!(
+        line.contains("deepseek-ai/DeepSeek-V2-Lite") && line.contains("HF_ENDPOINT"),
+        "{line}"
+    );
+
+    // Reachable: a Hub whose deepseek-ai/DeepSeek-V2-Lite is a small DeepSeek-V2 with the real
+    // expert count (so exp_math's experts exist), its config.json in the Hub's format, and the
+    // two datasets laid out like the real repos.
+    let hub = start_hub();
+    let mut cfg = trainer_svc::model::ModelConfig::tiny();
+    cfg.n_routed_experts = 64;
+    cfg.num_experts_per_tok = 6;
+    cfg.max_position_embeddings = 163_840;
+    let cfg_path = root.join("lite.json");
+    write(&cfg_path, &cfg.to_json_string());
+    let tok = root.join("tokenizer.json");
+    write(&tok, trainer_svc::data::tokenize::EMBEDDED_TOKENIZER_JSON);
+    let repo = root.join("lite");
+    py(&[
+        "model",
+        repo.to_str().unwrap(),
+        cfg_path.to_str().unwrap(),
+        tok.to_str().unwrap(),
+    ]);
+    std::fs::copy(&cfg_path, repo.join("config.json")).unwrap();
+    seed(
+        &hub.hub,
+        "deepseek-ai/DeepSeek-V2-Lite",
+        miner_standins::hub::RepoKind::Model,
+        &repo,
+    );
+    seed_datasets(&hub.hub, &root.join("data"), 200);
+    let run = reference_run(&root.join("online"));
+    let out = run_binary(&run, &hub.hub.endpoint());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(run.join("globalver_0_inneropt_1").is_dir(), "{stderr}");
+    // The routed experts of exp_math layer 1 (org ids 22, 17, ...) were trained and published.
+    let dir = run.join("globalver_0_inneropt_1");
+    let keys: Vec<String> = if dir.join("model_expgroup_0.pt").is_file() {
+        miner_contract::pt::read_pt(&dir.join("model_expgroup_0.pt"))
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    } else {
+        Tensor::read_safetensors(dir.join("model_expgroup_0.safetensors"))
+            .expect("an expert shard in the checkpoint")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    assert!(
+        keys.iter().any(|k| k.starts_with("model.layers.1.mlp.experts.22.")),
+        "{keys:?}"
+    );
+    // Only the Hub was asked: the base weights' shards by range.
+    let reqs = hub.hub.requests();
+    assert!(reqs.iter().any(|r| r.path.contains("c4-train")), "C4 not streamed");
+    assert!(reqs.iter().any(|r| r.path.contains("4plus/train")), "Nemotron not streamed");
+}

@@ -153,6 +153,8 @@ impl Trainer {
         status_tx: watch::Sender<StatusSnapshot>,
     ) -> anyhow::Result<Trainer> {
         tracing::info!("(0) Setup training");
+        let mut s = s;
+        crate::inputs::resolve_model_config(&mut s)?;
         tch::manual_seed(s.seed);
         let run = RunDir::create(&s.run_dir)
             .with_context(|| format!("create run directory {}", s.run_dir.display()))?;
