@@ -115,7 +115,11 @@ pub fn build_model(s: &Settings, compute: tch::Kind) -> anyhow::Result<PartialMo
             let loaded = model
                 .load_tensor_infos(&tensors, &what)
                 .with_context(|| format!("load {what}"))?;
-            tracing::info!(loaded = loaded.loaded.len(), missing = loaded.missing.len(), "base weights loaded");
+            tracing::info!(
+                loaded = loaded.loaded.len(),
+                missing = loaded.missing.len(),
+                "base weights loaded"
+            );
         }
     }
     Ok(model)

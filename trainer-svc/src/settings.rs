@@ -107,7 +107,10 @@ pub enum TokenizerSource {
     Embedded,
     File(PathBuf),
     /// `tokenizer.json` of a Hub model repository at a revision (cached like the weights).
-    Hub { repo: String, revision: String },
+    Hub {
+        repo: String,
+        revision: String,
+    },
 }
 
 /// Where pretrained base weights come from.
@@ -352,8 +355,12 @@ impl Settings {
             .unwrap_or_else(|| run_dir.clone());
         let group_name = cfg.task.expert_group_name.clone();
         let embedded = group_name == EMBEDDED_GROUP;
-        let hub = crate::model::hub::HubEndpoint::new(cli.hf_endpoint.as_deref(), cli.hf_token.clone());
-        let hub_cache = cli.hub_cache.clone().unwrap_or_else(|| root.join("hub_cache"));
+        let hub =
+            crate::model::hub::HubEndpoint::new(cli.hf_endpoint.as_deref(), cli.hf_token.clone());
+        let hub_cache = cli
+            .hub_cache
+            .clone()
+            .unwrap_or_else(|| root.join("hub_cache"));
         let base_weights = match &cli.base_weights {
             Some(b) => Some(BaseWeights::parse(b).map_err(|e| bad("--base-weights", e))?),
             // A configured group starts from `model.model_path` (addendum A3); empty or a file

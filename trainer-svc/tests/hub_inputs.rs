@@ -228,7 +228,11 @@ fn python_reference(s: &Setup, ids: &Tensor, labels: &Tensor) -> (f64, Vec<(Stri
     (loss, experts)
 }
 
-fn model_loss(s: &Settings, ids: &Tensor, labels: &Tensor) -> (f64, trainer_svc::model::PartialModel) {
+fn model_loss(
+    s: &Settings,
+    ids: &Tensor,
+    labels: &Tensor,
+) -> (f64, trainer_svc::model::PartialModel) {
     let model = trainer_svc::inputs::build_model(s, Kind::Float).expect("build model");
     let loss = tch::no_grad(|| model.loss(ids, labels)).double_value(&[]);
     (loss, model)
@@ -299,7 +303,10 @@ fn hub_model_path_loads_the_pretrained_partial_model_like_upstream() {
             .iter()
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("model lacks {name}"));
-        assert!(got.1.equal(want), "{name} is not cat(gate, up) / down of the source");
+        assert!(
+            got.1.equal(want),
+            "{name} is not cat(gate, up) / down of the source"
+        );
     }
     let gets = resolve_gets(&hub.hub);
     let shard_gets: Vec<_> = gets
@@ -328,7 +335,11 @@ fn hub_model_path_loads_the_pretrained_partial_model_like_upstream() {
     hub.hub.clear_requests();
     let (again, _) = model_loss(&st, &ids, &labels);
     assert_eq!(again, loss);
-    assert!(resolve_gets(&hub.hub).is_empty(), "{:?}", resolve_gets(&hub.hub));
+    assert!(
+        resolve_gets(&hub.hub).is_empty(),
+        "{:?}",
+        resolve_gets(&hub.hub)
+    );
 
     // 3. A truncated and a corrupted cache file are detected and fetched again.
     let files = tensor_files(&cache);
@@ -383,11 +394,14 @@ fn hub_model_path_loads_the_pretrained_partial_model_like_upstream() {
                 .inject(HubFault::nth(route, nth, FaultAction::CutAfter(100)));
         }
     }
-    hub.hub
-        .inject(HubFault::nth(HubRoute::StorageGet, 5, FaultAction::Status {
+    hub.hub.inject(HubFault::nth(
+        HubRoute::StorageGet,
+        5,
+        FaultAction::Status {
             status: 503,
             retry_after: None,
-        }));
+        },
+    ));
     let cut = settings(&s, &hub.hub.endpoint(), &s.root().join("cache2"), &[]);
     let (resumed, _) = model_loss(&cut, &ids, &labels);
     assert_eq!(resumed, loss);
@@ -411,7 +425,12 @@ fn base_weights_flag_and_hub_model_path_go_through_the_engine() {
     let s = setup("", LOCAL_SOURCES);
     let commit = hub
         .hub
-        .put_file(MODEL_REPO, miner_standins::hub::RepoKind::Model, "README.md", b"# tiny\n")
+        .put_file(
+            MODEL_REPO,
+            miner_standins::hub::RepoKind::Model,
+            "README.md",
+            b"# tiny\n",
+        )
         .unwrap();
     seed(
         &hub.hub,
@@ -447,7 +466,10 @@ fn base_weights_flag_and_hub_model_path_go_through_the_engine() {
     assert_eq!(st.base_weights, None);
     let from_scratch = engine_first_loss(st);
     eprintln!("first loss: dir {from_dir}, hub {from_hub}, random init {from_scratch}");
-    assert!((from_dir - from_hub).abs() < 1e-6, "{from_dir} vs {from_hub}");
+    assert!(
+        (from_dir - from_hub).abs() < 1e-6,
+        "{from_dir} vs {from_hub}"
+    );
     assert!((from_dir - from_scratch).abs() > 1e-3);
 }
 
@@ -513,10 +535,7 @@ fn hub_datasets_stream_shard_by_shard_and_resume_without_repeats() {
     drop(first);
     // Only the shards read so far were downloaded.
     let gets = resolve_gets(&hub.hub);
-    assert!(
-        !gets.iter().any(|r| r.path.contains("00002")),
-        "{gets:?}"
-    );
+    assert!(!gets.iter().any(|r| r.path.contains("00002")), "{gets:?}");
     let json = serde_json::to_string(&pos).unwrap();
     let pos = serde_json::from_str(&json).unwrap();
     hub.hub.clear_requests();
@@ -528,22 +547,31 @@ fn hub_datasets_stream_shard_by_shard_and_resume_without_repeats() {
     assert!(seen.iter().any(|d| d.starts_with("nemotron s0")));
     // The stream reached the last shard of the source that wrapped first.
     assert!(
-        seen.iter().any(|d| d.starts_with("c4 s2") || d.starts_with("nemotron s2")),
+        seen.iter()
+            .any(|d| d.starts_with("c4 s2") || d.starts_with("nemotron s2")),
         "{} docs",
         seen.len()
     );
     // Resuming did not re-read the earlier C4 shard 0 from the start.
     let regets = resolve_gets(&hub.hub);
-    eprintln!("{} documents before a wrap; {} reads after resume", seen.len(), regets.len());
+    eprintln!(
+        "{} documents before a wrap; {} reads after resume",
+        seen.len(),
+        regets.len()
+    );
 
     // A Hub that fails mid-shard: the same documents, in the same order.
     for route in [HubRoute::StorageGet, HubRoute::ResolveGet] {
         hub.hub
             .inject(HubFault::nth(route, 2, FaultAction::CutAfter(300)));
-        hub.hub.inject(HubFault::nth(route, 4, FaultAction::Status {
-            status: 502,
-            retry_after: None,
-        }));
+        hub.hub.inject(HubFault::nth(
+            route,
+            4,
+            FaultAction::Status {
+                status: 502,
+                retry_after: None,
+            },
+        ));
     }
     let st2 = settings(&s, &hub.hub.endpoint(), &s.root().join("cache-faults"), &[]);
     let mut faulty = TrainStream::new(&st2.data.sources, st2.data.vali_fraction).unwrap();
@@ -572,15 +600,22 @@ fn an_unparsable_dataset_shard_is_skipped_and_counted() {
     let docs = take(&mut stream, 10_000);
     let after = trainer_svc::data::SKIPPED_SHARDS.load(std::sync::atomic::Ordering::Relaxed);
     assert!(after > before, "skipped shards {before} -> {after}");
+    let text = trainer_svc::metrics::render(&StatusSnapshot::default());
+    assert!(
+        text.contains(&format!("miner_data_shards_skipped_total {after}")),
+        "{text}"
+    );
     assert!(!docs.iter().any(|d| d.starts_with("nemotron s1")));
-    assert!(docs.iter().any(|d| d.starts_with("nemotron s2")), "stream went on past the bad shard");
+    assert!(
+        docs.iter().any(|d| d.starts_with("nemotron s2")),
+        "stream went on past the bad shard"
+    );
 }
 
 fn state_position(run: &Path, ckpt: &str) -> trainer_svc::data::DataPosition {
-    let st: trainer_svc::engine::checkpoint::TrainerStateFile = serde_json::from_slice(
-        &std::fs::read(run.join(ckpt).join("trainer_state.json")).unwrap(),
-    )
-    .unwrap();
+    let st: trainer_svc::engine::checkpoint::TrainerStateFile =
+        serde_json::from_slice(&std::fs::read(run.join(ckpt).join("trainer_state.json")).unwrap())
+            .unwrap();
     st.data
 }
 
@@ -625,7 +660,11 @@ fn training_from_hub_datasets_restarts_where_the_checkpoint_stopped() {
     let run2 = docs_until(&mut fresh, &p2, 1000);
     assert!(!run1.is_empty() && !run2.is_empty());
     let all: HashSet<&String> = run1.iter().chain(&run2).collect();
-    assert_eq!(all.len(), run1.len() + run2.len(), "a document was trained on twice");
+    assert_eq!(
+        all.len(),
+        run1.len() + run2.len(),
+        "a document was trained on twice"
+    );
     let mut resumed = TrainStream::resume(&sources, vali, &p1).unwrap();
     assert_eq!(docs_until(&mut resumed, &p2, 1000), run2);
 }
@@ -732,11 +771,18 @@ fn reference_config_trains_from_the_hub_with_no_other_flag_and_offline_says_what
             .collect()
     };
     assert!(
-        keys.iter().any(|k| k.starts_with("model.layers.1.mlp.experts.22.")),
+        keys.iter()
+            .any(|k| k.starts_with("model.layers.1.mlp.experts.22.")),
         "{keys:?}"
     );
     // Only the Hub was asked: the base weights' shards by range.
     let reqs = hub.hub.requests();
-    assert!(reqs.iter().any(|r| r.path.contains("c4-train")), "C4 not streamed");
-    assert!(reqs.iter().any(|r| r.path.contains("4plus/train")), "Nemotron not streamed");
+    assert!(
+        reqs.iter().any(|r| r.path.contains("c4-train")),
+        "C4 not streamed"
+    );
+    assert!(
+        reqs.iter().any(|r| r.path.contains("4plus/train")),
+        "Nemotron not streamed"
+    );
 }

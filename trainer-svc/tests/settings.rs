@@ -149,10 +149,7 @@ fn reference_group_reads_the_hub_and_bad_fields_are_refused_with_the_field_named
         }
     );
     // A source that is neither a local file nor a Hub dataset id names the field.
-    write(
-        &run.join("config.yaml"),
-        "task:\n  expert_group_name: g\n",
-    );
+    write(&run.join("config.yaml"), "task:\n  expert_group_name: g\n");
     write(
         &tmp.path().join("expert_groups/g/config.yaml"),
         "group_id: 1\ndata:\n  dataset_sources:\n    - path: not a dataset\n",

@@ -127,10 +127,7 @@ fn card_patterns(readme: &str, config: Option<&str>) -> Option<Vec<String>> {
             .filter(|i| i.get("split").and_then(|s| s.as_str()).unwrap_or("train") == "train")
             .flat_map(|i| i.get("path").map(strs).unwrap_or_default())
             .collect(),
-        serde_yaml::Value::Mapping(m) => m
-            .get("train")
-            .map(strs)
-            .unwrap_or_default(),
+        serde_yaml::Value::Mapping(m) => m.get("train").map(strs).unwrap_or_default(),
         other => strs(other),
     };
     (!out.is_empty()).then_some(out)
@@ -165,7 +162,12 @@ pub fn data_files(
                 .collect();
             let train: Vec<RemoteFile> = data
                 .iter()
-                .filter(|f| f.path.rsplit('/').next().is_some_and(|n| n.contains("train")))
+                .filter(|f| {
+                    f.path
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|n| n.contains("train"))
+                })
                 .cloned()
                 .collect();
             if train.is_empty() { data } else { train }
@@ -238,9 +240,15 @@ impl HubShards {
     }
 
     /// Downloads shard `i` (continuing a `.part`) and opens it.
-    fn open_shard(&self, f: &RemoteFile) -> Result<(PathBuf, Result<DocReader, DataError>), DataError> {
+    fn open_shard(
+        &self,
+        f: &RemoteFile,
+    ) -> Result<(PathBuf, Result<DocReader, DataError>), DataError> {
         if f.size > MAX_SHARD_BYTES {
-            return Err(err(&self.name(), format!("shard {:?} is {} bytes", f.path, f.size)));
+            return Err(err(
+                &self.name(),
+                format!("shard {:?} is {} bytes", f.path, f.size),
+            ));
         }
         let local = self.dir.join(f.path.replace('/', "%2F"));
         if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(f.size) {
@@ -322,8 +330,14 @@ mod tests {
 
     #[test]
     fn globs_and_cards() {
-        assert!(glob_match("en/c4-train.*.json.gz", "en/c4-train.00001-of-01024.json.gz"));
-        assert!(!glob_match("en/c4-train.*.json.gz", "en/c4-validation.00001-of-00008.json.gz"));
+        assert!(glob_match(
+            "en/c4-train.*.json.gz",
+            "en/c4-train.00001-of-01024.json.gz"
+        ));
+        assert!(!glob_match(
+            "en/c4-train.*.json.gz",
+            "en/c4-validation.00001-of-00008.json.gz"
+        ));
         assert!(!glob_match("en/*", "en/x/y.json"));
         assert!(glob_match("4plus/**", "4plus/a/b.parquet"));
         assert!(glob_match("**/*.parquet", "4plus/b.parquet"));

@@ -151,7 +151,9 @@ impl SourceSpec {
 fn open_lines(p: &Path) -> Result<Box<dyn BufRead + Send>, DataError> {
     let f = open_file(p)?;
     if p.to_string_lossy().ends_with(".gz") {
-        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(f))))
+        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            f,
+        ))))
     } else {
         Ok(Box::new(BufReader::new(f)))
     }

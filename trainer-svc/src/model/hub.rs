@@ -24,7 +24,9 @@ pub enum RepoKind {
 pub enum HubError {
     #[error("{what}: not found on the Hub (HTTP 404)")]
     NotFound { what: String },
-    #[error("{what}: access denied by the Hub (HTTP {status}); set HF_TOKEN to a token that can read it")]
+    #[error(
+        "{what}: access denied by the Hub (HTTP {status}); set HF_TOKEN to a token that can read it"
+    )]
     Denied { what: String, status: u16 },
     #[error("{what}: Hub answered HTTP {status}")]
     Status { what: String, status: u16 },
@@ -92,7 +94,10 @@ pub fn read_vec(
     if len > cap.min(MAX_IN_MEMORY) {
         return Err(HubError::Protocol {
             what: format!("{}/{file:?}", repo.label()),
-            reason: format!("{len} bytes is more than the {} allowed", cap.min(MAX_IN_MEMORY)),
+            reason: format!(
+                "{len} bytes is more than the {} allowed",
+                cap.min(MAX_IN_MEMORY)
+            ),
         });
     }
     let mut out = Vec::with_capacity(len as usize);
@@ -358,7 +363,10 @@ impl RemoteRepo for HttpRepo {
         let sha = self.commit()?;
         let files = self
             .rt
-            .block_on(self.client.list_files(&self.repo, self.hub_kind(), &sha, None))
+            .block_on(
+                self.client
+                    .list_files(&self.repo, self.hub_kind(), &sha, None),
+            )
             .map_err(|e| self.map(&format!("{} file list", self.label()), e))?;
         if files.len() > MAX_LISTING {
             return Err(HubError::Protocol {
@@ -427,9 +435,14 @@ mod tests {
         );
         assert_eq!(
             parse_repo_ref("a/b@604d5664dddd88a0433dbae533b7fe9472482de0"),
-            Some(("a/b".into(), "604d5664dddd88a0433dbae533b7fe9472482de0".into()))
+            Some((
+                "a/b".into(),
+                "604d5664dddd88a0433dbae533b7fe9472482de0".into()
+            ))
         );
-        for bad in ["/x", "a/b/c", "a", "a/b@", "a/b@../x", "a b/c", "./c", "a/b@x y"] {
+        for bad in [
+            "/x", "a/b/c", "a", "a/b@", "a/b@../x", "a b/c", "./c", "a/b@x y",
+        ] {
             assert_eq!(parse_repo_ref(bad), None, "{bad}");
         }
     }

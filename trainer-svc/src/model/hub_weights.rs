@@ -138,8 +138,7 @@ fn needed_shards(
     files: &[RemoteFile],
     needs: &Needs,
 ) -> anyhow::Result<Vec<RemoteFile>> {
-    let by_path: BTreeMap<&str, &RemoteFile> =
-        files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let by_path: BTreeMap<&str, &RemoteFile> = files.iter().map(|f| (f.path.as_str(), f)).collect();
     let shard_names: BTreeSet<String> = match by_path.get(INDEX_FILE) {
         Some(idx) => {
             let bytes = hub::read_vec(repo, INDEX_FILE, 0, idx.size, MAX_INDEX_BYTES)?;
@@ -169,9 +168,15 @@ fn needed_shards(
     shard_names
         .iter()
         .map(|s| {
-            by_path.get(s.as_str()).map(|f| (*f).clone()).with_context(|| {
-                format!("{}: shard {s:?} named by the index is missing", repo.label())
-            })
+            by_path
+                .get(s.as_str())
+                .map(|f| (*f).clone())
+                .with_context(|| {
+                    format!(
+                        "{}: shard {s:?} named by the index is missing",
+                        repo.label()
+                    )
+                })
         })
         .collect()
 }
@@ -182,7 +187,11 @@ fn remote_header(
     shard: &RemoteFile,
 ) -> anyhow::Result<BTreeMap<String, TensorInfo>> {
     if shard.size < 8 {
-        bail!("{}: shard {:?} is shorter than 8 bytes", repo.label(), shard.path);
+        bail!(
+            "{}: shard {:?} is shorter than 8 bytes",
+            repo.label(),
+            shard.path
+        );
     }
     let len = hub::read_vec(repo, &shard.path, 0, 8, 8)?;
     let n = u64::from_le_bytes(len.try_into().map_err(|_| anyhow::anyhow!("short read"))?);
@@ -411,13 +420,12 @@ fn plan(repo: &dyn RemoteRepo, dir: &Path, needs: &Needs) -> anyhow::Result<Plan
 
 /// Bytes the partial model of `experts` needs from a checkpoint of `cfg` stored with `elem`-byte
 /// elements (backbone + per-expert gate, up and down), and the bytes of the whole checkpoint.
-pub fn partial_bytes(
-    cfg: &super::ModelConfig,
-    experts: &GroupExperts,
-    elem: u64,
-) -> (u64, u64) {
+pub fn partial_bytes(cfg: &super::ModelConfig, experts: &GroupExperts, elem: u64) -> (u64, u64) {
     let numel = |s: &[i64]| s.iter().product::<i64>() as u64;
-    let backbone: u64 = naming::shared_names(cfg).iter().map(|(_, s)| numel(s)).sum();
+    let backbone: u64 = naming::shared_names(cfg)
+        .iter()
+        .map(|(_, s)| numel(s))
+        .sum();
     let per_expert = 3 * (cfg.moe_intermediate_size * cfg.hidden_size) as u64;
     let moe_layers = (0..cfg.num_hidden_layers)
         .filter(|l| cfg.is_moe_layer(*l))

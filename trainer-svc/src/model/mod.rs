@@ -7,12 +7,12 @@
 
 pub mod attention;
 pub mod config;
+pub mod hub;
+pub mod hub_weights;
 pub mod moe;
 pub mod naming;
 pub mod norm;
 pub mod rope;
-pub mod hub;
-pub mod hub_weights;
 pub mod safetensors_dir;
 #[cfg(test)]
 mod tests;
@@ -649,7 +649,9 @@ impl PartialModel {
                         Tensor::cat(&[g, u], 0),
                     ));
                 }
-                _ => bail!("{label}: expert {expert} of layer {layer} lacks its gate_proj or up_proj"),
+                _ => bail!(
+                    "{label}: expert {expert} of layer {layer} lacks its gate_proj or up_proj"
+                ),
             }
         }
         let mut report = self

@@ -116,15 +116,11 @@ pub fn parse_header(
             )
         })?;
         let [s, end] = e.data_offsets;
-        let numel = e
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, d| u64::try_from(*d).ok().and_then(|d| acc.checked_mul(d)));
+        let numel = e.shape.iter().try_fold(1u64, |acc, d| {
+            u64::try_from(*d).ok().and_then(|d| acc.checked_mul(d))
+        });
         let want = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
-        if end < s
-            || base.checked_add(end).is_none_or(|e| e > file_len)
-            || Some(end - s) != want
-        {
+        if end < s || base.checked_add(end).is_none_or(|e| e > file_len) || Some(end - s) != want {
             bail!(
                 "{}: tensor {name:?} has an inconsistent byte range",
                 path.display()
