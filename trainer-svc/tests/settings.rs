@@ -151,11 +151,11 @@ fn reference_group_reads_the_hub_and_bad_fields_are_refused_with_the_field_named
     // A source that is neither a local file nor a Hub dataset id names the field.
     write(&run.join("config.yaml"), "task:\n  expert_group_name: g\n");
     write(
-        &tmp.path().join("expert_groups/g/config.yaml"),
+        &run.join("expert_groups/g/config.yaml"),
         "group_id: 1\ndata:\n  dataset_sources:\n    - path: not a dataset\n",
     );
     write(
-        &tmp.path().join("expert_groups/g/expert_assignment.json"),
+        &run.join("expert_groups/g/expert_assignment.json"),
         r#"{"1": [[0, 1]]}"#,
     );
     let e = Settings::from_cli(&cli(&["--path", run.to_str().unwrap()])).unwrap_err();
