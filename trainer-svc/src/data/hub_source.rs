@@ -184,6 +184,18 @@ pub fn data_files(
     Ok(out)
 }
 
+/// A safe cache file name for shard `i` at repository path `path`: the index, then the file
+/// name's portable characters (a listing may hold `..` or odd bytes; they never reach the path).
+fn local_name(i: u64, path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or_default();
+    let clean: String = base
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(120)
+        .collect();
+    format!("{i:06}-{clean}")
+}
+
 /// Reads a Hub dataset's shards in order.
 pub(crate) struct HubShards {
     ds: HubDataset,
@@ -250,7 +262,7 @@ impl HubShards {
                 format!("shard {:?} is {} bytes", f.path, f.size),
             ));
         }
-        let local = self.dir.join(f.path.replace('/', "%2F"));
+        let local = self.dir.join(local_name(self.shard, &f.path));
         if std::fs::metadata(&local).map(|m| m.len()).ok() != Some(f.size) {
             std::fs::create_dir_all(&self.dir).map_err(|e| err(&self.name(), e))?;
             let part = local.with_extension("part");
@@ -264,7 +276,9 @@ impl HubShards {
             &self.ds.text_column,
             1.0,
         );
-        Ok((local, spec.open()))
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spec.open()))
+            .unwrap_or_else(|_| Err(DataError::Config("the shard's decoder panicked".into())));
+        Ok((local, opened))
     }
 
     fn skip_shard(&mut self, why: &DataError) {
@@ -312,7 +326,10 @@ impl HubShards {
             let Some((_, r)) = &mut self.cur else {
                 continue;
             };
-            match r.next_doc() {
+            // A decoder that panics on a hostile shard must not take the trainer down.
+            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.next_doc()))
+                .unwrap_or_else(|_| Err(DataError::Config("the shard's decoder panicked".into())));
+            match next {
                 Ok(Some(doc)) => {
                     self.shard_doc += 1;
                     return Ok(Some(doc));
@@ -352,5 +369,8 @@ mod tests {
         );
         assert_eq!(card_patterns(card, Some("fr")), None);
         assert_eq!(card_patterns("# no header", Some("en")), None);
+        assert_eq!(local_name(3, "en/../../x.json.gz"), "000003-x.json.gz");
+        assert_eq!(local_name(0, ".."), "000000-..");
+        assert!(!local_name(0, "a/b\n\u{1b}[31m.parquet").contains('\n'));
     }
 }

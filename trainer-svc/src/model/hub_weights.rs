@@ -443,6 +443,147 @@ pub fn partial_bytes(cfg: &super::ModelConfig, experts: &GroupExperts, elem: u64
 mod tests {
     use super::*;
 
+    /// A repository of in-memory files (a hostile Hub's answers).
+    struct MemRepo(BTreeMap<String, Vec<u8>>);
+
+    impl RemoteRepo for MemRepo {
+        fn label(&self) -> String {
+            "mem/repo@main".into()
+        }
+        fn commit(&self) -> Result<String, HubError> {
+            Ok("a".repeat(40))
+        }
+        fn list_files(&self) -> Result<Vec<RemoteFile>, HubError> {
+            Ok(self
+                .0
+                .iter()
+                .map(|(p, b)| RemoteFile {
+                    path: p.clone(),
+                    size: b.len() as u64,
+                })
+                .collect())
+        }
+        fn read_range(
+            &self,
+            file: &str,
+            start: u64,
+            len: u64,
+            sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        ) -> Result<(), HubError> {
+            let b = self.0.get(file).ok_or(HubError::NotFound {
+                what: file.to_string(),
+            })?;
+            let s = usize::try_from(start).unwrap_or(usize::MAX);
+            let e = s.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+            let slice = b.get(s..e).ok_or(HubError::Protocol {
+                what: file.to_string(),
+                reason: "range past the end".into(),
+            })?;
+            sink(slice).map_err(|e| HubError::Io {
+                what: file.to_string(),
+                reason: e.to_string(),
+            })
+        }
+    }
+
+    fn shard(header: &str, data: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend(std::iter::repeat_n(0u8, data));
+        v
+    }
+
+    fn needs() -> Needs {
+        Needs {
+            backbone: ["model.norm.weight".to_string()].into_iter().collect(),
+            experts: GroupExperts::new(),
+        }
+    }
+
+    #[test]
+    fn hostile_shards_fail_with_a_clear_error() {
+        let cases = [
+            // Header length far past the file.
+            {
+                let mut v = u64::MAX.to_le_bytes().to_vec();
+                v.extend_from_slice(b"{}");
+                v
+            },
+            // A tensor whose range is not numel * element size.
+            shard(
+                r#"{"model.norm.weight":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#,
+                16,
+            ),
+            // A range past the end of the file.
+            shard(
+                r#"{"model.norm.weight":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                4,
+            ),
+            // Overflowing shape.
+            shard(
+                r#"{"model.norm.weight":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,16]}}"#,
+                16,
+            ),
+            // Not JSON.
+            shard("\u{0}\u{1}garbage", 0),
+        ];
+        for (i, bytes) in cases.into_iter().enumerate() {
+            let repo = MemRepo(
+                [("model.safetensors".to_string(), bytes)]
+                    .into_iter()
+                    .collect(),
+            );
+            let cache = tempfile::tempdir().unwrap();
+            let e = fetch(&repo, "mem/repo", "main", cache.path(), &needs())
+                .expect_err(&format!("case {i} accepted"));
+            let msg = format!("{e:#}");
+            assert!(!msg.contains('\n'), "case {i}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_good_shard_is_fetched_and_verified() {
+        let mut bytes = shard(
+            r#"{"model.norm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"other":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+            0,
+        );
+        bytes.extend_from_slice(&[0, 0, 128, 63, 0, 0, 0, 64, 9, 9, 9, 9]);
+        let repo = MemRepo(
+            [("model.safetensors".to_string(), bytes)]
+                .into_iter()
+                .collect(),
+        );
+        let cache = tempfile::tempdir().unwrap();
+        let (t, r) = fetch(&repo, "mem/repo", "main", cache.path(), &needs()).unwrap();
+        assert_eq!((r.tensors, r.needed_bytes, r.downloaded_bytes), (1, 8, 8));
+        let v = safetensors_dir::read_tensor(&t["model.norm.weight"]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&v).unwrap(), [1.0, 2.0]);
+        let (_, r) = fetch(&repo, "mem/repo", "main", cache.path(), &needs()).unwrap();
+        assert_eq!(r.downloaded_bytes, 0, "second start comes from the cache");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_header_never_panics(header in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), len in 0u64..10_000) {
+            let _ = safetensors_dir::parse_header(&header, len, Path::new("x"));
+        }
+
+        #[test]
+        fn parse_header_bounds_every_tensor(
+            shape in proptest::collection::vec(0i64..50, 0..4),
+            start in 0u64..100, extra in 0u64..100, file_len in 0u64..2000,
+        ) {
+            let numel: i64 = shape.iter().product();
+            let end = start + numel as u64 * 4 + extra;
+            let h = format!(r#"{{"t":{{"dtype":"F32","shape":{shape:?},"data_offsets":[{start},{end}]}}}}"#);
+            if let Ok(m) = safetensors_dir::parse_header(h.as_bytes(), file_len, Path::new("x")) {
+                let t = &m["t"];
+                proptest::prop_assert!(t.end <= file_len);
+                proptest::prop_assert_eq!(t.end - t.start, numel as u64 * 4);
+            }
+        }
+    }
+
     /// Group 0 (`exp_math`) of DeepSeek-V2-Lite (bf16 on the Hub): the bytes a miner downloads.
     #[test]
     fn group0_needs_a_fraction_of_deepseek_v2_lite() {
