@@ -136,6 +136,8 @@ pub struct HubConfig {
     pub retry_deadline: Duration,
     /// Upload slice size for basic PUTs and multipart parts when streaming from disk.
     pub io_buffer: usize,
+    /// Multipart part PUTs in flight at once (each holds at most ~5 `io_buffer`s).
+    pub parallel_parts: usize,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -147,6 +149,7 @@ impl std::fmt::Debug for HubConfig {
             .field("read_timeout", &self.read_timeout)
             .field("max_retries", &self.max_retries)
             .field("retry_deadline", &self.retry_deadline)
+            .field("parallel_parts", &self.parallel_parts)
             .finish()
     }
 }
@@ -160,7 +163,8 @@ impl Default for HubConfig {
             read_timeout: Duration::from_secs(60),
             max_retries: 5,
             retry_deadline: Duration::from_secs(120),
-            io_buffer: 256 << 10,
+            io_buffer: 1 << 20,
+            parallel_parts: 4,
         }
     }
 }

@@ -148,6 +148,8 @@ pub(crate) struct Hub {
     pub(crate) tokens: Mutex<HashMap<String, (String, bool)>>,
     faults: Mutex<Vec<HubFault>>,
     log: Mutex<Vec<HubRequest>>,
+    /// The `transfers` list of every LFS batch request.
+    pub(crate) batch_transfers: Mutex<Vec<Vec<String>>>,
 }
 
 /// The running stand-in; stops when dropped.
@@ -190,6 +192,7 @@ impl HubStandIn {
             tokens: Mutex::new(tokens),
             faults: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
+            batch_transfers: Mutex::new(Vec::new()),
         });
         let mut tasks = Vec::new();
         for (listener, is_storage) in [(main, false), (storage, true)] {
@@ -274,6 +277,11 @@ impl HubStandIn {
     pub fn requests(&self) -> Vec<HubRequest> {
         self.hub.log.lock().unwrap().clone()
     }
+    /// The `transfers` each LFS batch request offered (e.g. `["basic", "multipart"]`; `"xet"` would
+    /// mean the client would use Xet storage instead).
+    pub fn lfs_batch_transfers(&self) -> Vec<Vec<String>> {
+        self.hub.batch_transfers.lock().unwrap().clone()
+    }
     pub fn clear_requests(&self) {
         self.hub.log.lock().unwrap().clear();
     }
@@ -305,23 +313,24 @@ impl Hub {
         size >= self.opts.lfs_threshold || LFS_EXT.iter().any(|e| path.ends_with(e))
     }
 
-    /// Takes the action of the first armed fault on `route`, if one is due.
+    /// Counts a request of `route` against every armed fault on it (each counts from when it was
+    /// injected) and takes the action of the first one due.
     fn due_fault(&self, route: HubRoute) -> Option<FaultAction> {
         let mut faults = self.faults.lock().unwrap();
-        let i = faults
-            .iter()
-            .position(|f| f.route == route && f.times > 0)?;
-        let f = &mut faults[i];
-        if f.skip > 0 {
-            f.skip -= 1;
-            return None;
+        let mut action = None;
+        for f in faults
+            .iter_mut()
+            .filter(|f| f.route == route && f.times > 0)
+        {
+            if f.skip > 0 {
+                f.skip -= 1;
+            } else if action.is_none() {
+                f.times -= 1;
+                action = Some(f.action.clone());
+            }
         }
-        f.times -= 1;
-        let action = f.action.clone();
-        if f.times == 0 {
-            faults.remove(i);
-        }
-        Some(action)
+        faults.retain(|f| f.times > 0);
+        action
     }
 }
 

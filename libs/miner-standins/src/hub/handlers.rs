@@ -1,5 +1,7 @@
 //! Routing and the Hub's JSON/resolve/tree routes, with the Hub's access rules and error headers
 //! (`X-Error-Code`, `X-Error-Message`) that huggingface_hub maps to its exception types.
+// Handlers return `Result<Response, Response>`: the error side is the HTTP answer itself.
+#![allow(clippy::result_large_err)]
 
 use super::store::{self, Entry, RepoKind, StoreError};
 use super::{Hub, HubRoute};
@@ -374,18 +376,11 @@ async fn settings(ctx: &Ctx, kind: RepoKind, repo: &str, body: Body) -> HResult 
         (Some("public"), _) | (None, Some(false)) => Some(false),
         _ => None,
     };
-    if let Some(p) = private {
-        if let Some(r) = ctx
-            .hub
-            .store
-            .lock()
-            .unwrap()
-            .repos
-            .get_mut(&(kind, repo.to_string()))
-        {
-            r.private = p;
-        }
+    let mut st = ctx.hub.store.lock().unwrap();
+    if let (Some(p), Some(r)) = (private, st.repos.get_mut(&(kind, repo.to_string()))) {
+        r.private = p;
     }
+    drop(st);
     Ok(json_resp(200, json!({})))
 }
 

@@ -1,6 +1,8 @@
 //! The LFS side: the batch endpoint (`basic` or `multipart` with `chunk_size` and part URLs on the
 //! storage listener), streamed PUTs checked against the announced size and sha256, the multipart
 //! completion (ETags checked, parts concatenated and hashed) and verify.
+// Handlers return `Result<Response, Response>`: the error side is the HTTP answer itself.
+#![allow(clippy::result_large_err)]
 
 use super::handlers::{Ctx, HResult, Target, hub_err, json_resp, read_json};
 use super::store::{self, RepoKind, Upload};
@@ -38,6 +40,11 @@ pub(crate) async fn batch(ctx: &Ctx, kind: RepoKind, t: &Target, body: Body) -> 
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    ctx.hub
+        .batch_transfers
+        .lock()
+        .unwrap()
+        .push(transfers.iter().map(|t| t.to_string()).collect());
     let objects = v
         .get("objects")
         .and_then(Value::as_array)
