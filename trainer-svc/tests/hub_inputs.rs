@@ -786,3 +786,94 @@ fn reference_config_trains_from_the_hub_with_no_other_flag_and_offline_says_what
         "Nemotron not streamed"
     );
 }
+
+/// The newest verified own checkpoint's name and inner step.
+fn newest_own(run: &Path) -> Option<(String, u64)> {
+    miner_contract::layout::RunDir::open(run)
+        .ok()?
+        .list()
+        .ok()?
+        .into_iter()
+        .filter(|e| e.is_verified() && e.kind == miner_contract::CheckpointKind::Own)
+        .map(|e| (e.dir_name, e.inner_opt))
+        .max_by_key(|(_, n)| *n)
+}
+
+#[test]
+fn killed_trainer_resumes_hub_datasets_without_repeating_a_document() {
+    let hub = start_hub();
+    let data = tempfile::tempdir().unwrap();
+    seed_datasets(&hub.hub, data.path(), 60);
+    let s = setup("", HUB_SOURCES);
+    let ep = hub.hub.endpoint();
+    let cache = s.root().join("cache");
+    let st0 = settings(&s, &ep, &s.root().join("check-cache"), &[]);
+    let (sources, vali) = (st0.data.sources, st0.data.vali_fraction);
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "--device",
+            "cpu",
+            "--path",
+            s.run.join("config.yaml").to_str().unwrap(),
+            "--model-config",
+            s.model_cfg.to_str().unwrap(),
+            "--hub-cache",
+            cache.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let mut child = Command::new(BIN)
+        .args(args(&[]))
+        .env("HF_ENDPOINT", &ep)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(s.root().join("first.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while newest_own(&s.run).is_none_or(|(_, n)| n < 2) {
+        assert!(t0.elapsed().as_secs() < 240, "no checkpoint in time");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "trainer exited: {}",
+            std::fs::read_to_string(s.root().join("first.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap(); // SIGKILL: no final checkpoint.
+    child.wait().unwrap();
+    let (name1, n1) = newest_own(&s.run).unwrap();
+    let p1 = state_position(&s.run, &name1);
+    let out = Command::new(BIN)
+        .args(args(&["--max-steps", "2"]))
+        .env("HF_ENDPOINT", &ep)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (name2, n2) = newest_own(&s.run).unwrap();
+    assert_eq!(n2, n1 + 2, "{name1} -> {name2}");
+    let p2 = state_position(&s.run, &name2);
+    let mut fresh = TrainStream::new(&sources, vali).unwrap();
+    let before = docs_until(&mut fresh, &p1, 2000);
+    let after = docs_until(&mut fresh, &p2, 2000);
+    assert!(!before.is_empty() && !after.is_empty());
+    let all: HashSet<&String> = before.iter().chain(&after).collect();
+    assert_eq!(
+        all.len(),
+        before.len() + after.len(),
+        "a document was trained on twice"
+    );
+}
