@@ -533,6 +533,16 @@ fn hub_datasets_stream_shard_by_shard_and_resume_without_repeats() {
     // Stopped in the middle of a shard: the resume continues inside it.
     assert!(c4.shard_doc > 0, "{pos:?}");
     drop(first);
+    // Each dataset listed only its config's directory (C4 has tens of thousands of other files).
+    let trees: Vec<String> = hub
+        .hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.route == HubRoute::Tree)
+        .map(|r| r.path)
+        .collect();
+    assert!(trees.iter().any(|p| p.ends_with("/en")), "{trees:?}");
+    assert!(trees.iter().any(|p| p.ends_with("/4plus")), "{trees:?}");
     // Only the shards read so far were downloaded.
     let gets = resolve_gets(&hub.hub);
     assert!(!gets.iter().any(|r| r.path.contains("00002")), "{gets:?}");

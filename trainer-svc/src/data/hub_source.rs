@@ -133,22 +133,40 @@ fn card_patterns(readme: &str, config: Option<&str>) -> Option<Vec<String>> {
     (!out.is_empty()).then_some(out)
 }
 
-/// The training data files of `config`, sorted by path.
+/// The directory every match of `pattern` lies in (its literal prefix up to the last `/` before
+/// the first wildcard), `None` at the root.
+fn literal_dir(pattern: &str) -> Option<String> {
+    let p = pattern.trim_start_matches("./");
+    let lit = &p[..p.find(['*', '?', '[', '{']).unwrap_or(p.len())];
+    let dir = &lit[..lit.rfind('/')?];
+    (!dir.is_empty()).then(|| dir.to_string())
+}
+
+/// The training data files of `config`, sorted by path. Only the directory the config's files
+/// live in is listed (C4 alone has tens of thousands of files in other configs).
 pub fn data_files(
     repo: &dyn RemoteRepo,
     config: Option<&str>,
 ) -> Result<Vec<RemoteFile>, DataError> {
     let label = repo.label();
-    let files = repo.list_files().map_err(|e| err(&label, e))?;
-    let readme = files.iter().find(|f| f.path == "README.md");
-    let patterns = match readme {
-        Some(r) if r.size <= MAX_README => {
-            let bytes = hub::read_vec(repo, "README.md", 0, r.size, MAX_README)
+    let patterns = match repo.file_size("README.md").map_err(|e| err(&label, e))? {
+        Some(size) if size <= MAX_README => {
+            let bytes = hub::read_vec(repo, "README.md", 0, size, MAX_README)
                 .map_err(|e| err(&label, e))?;
             card_patterns(&String::from_utf8_lossy(&bytes), config)
         }
         _ => None,
     };
+    // One listing: the common directory of the patterns, else the config's directory.
+    let dirs: Option<Vec<String>> = match &patterns {
+        Some(p) => p.iter().map(|g| literal_dir(g)).collect(),
+        None => config.map(|c| vec![c.to_string()]),
+    };
+    let files = match dirs {
+        Some(d) if !d.is_empty() && d.iter().all(|x| *x == d[0]) => repo.list_files_under(&d[0]),
+        _ => repo.list_files(),
+    }
+    .map_err(|e| err(&label, e))?;
     let mut out: Vec<RemoteFile> = match patterns {
         Some(p) => files
             .into_iter()
@@ -370,6 +388,10 @@ mod tests {
         assert_eq!(card_patterns(card, Some("fr")), None);
         assert_eq!(card_patterns("# no header", Some("en")), None);
         assert_eq!(local_name(3, "en/../../x.json.gz"), "000003-x.json.gz");
+        assert_eq!(literal_dir("en/c4-train.*.json.gz").as_deref(), Some("en"));
+        assert_eq!(literal_dir("4plus/**").as_deref(), Some("4plus"));
+        assert_eq!(literal_dir("*.parquet"), None);
+        assert_eq!(literal_dir("a/b/*/x").as_deref(), Some("a/b"));
         assert_eq!(local_name(0, ".."), "000000-..");
         assert!(!local_name(0, "a/b\n\u{1b}[31m.parquet").contains('\n'));
     }

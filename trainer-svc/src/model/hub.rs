@@ -68,6 +68,23 @@ pub trait RemoteRepo: Send + Sync {
     fn commit(&self) -> Result<String, HubError>;
     /// Every file of the repository at the pinned revision (at most [`MAX_LISTING`]).
     fn list_files(&self) -> Result<Vec<RemoteFile>, HubError>;
+    /// The files under directory `prefix` (a large dataset repo lists one config, not all).
+    fn list_files_under(&self, prefix: &str) -> Result<Vec<RemoteFile>, HubError> {
+        let dir = format!("{}/", prefix.trim_matches('/'));
+        Ok(self
+            .list_files()?
+            .into_iter()
+            .filter(|f| f.path.starts_with(&dir))
+            .collect())
+    }
+    /// The size of `file`, `None` if the repository has no such file.
+    fn file_size(&self, file: &str) -> Result<Option<u64>, HubError> {
+        Ok(self
+            .list_files()?
+            .into_iter()
+            .find(|f| f.path == file)
+            .map(|f| f.size))
+    }
     /// Streams exactly `len` bytes of `file` from `start` into `sink`; fewer or more is an error.
     fn read_range(
         &self,
@@ -308,6 +325,30 @@ impl HttpRepo {
         })
     }
 
+    fn list(&self, prefix: Option<&str>) -> Result<Vec<RemoteFile>, HubError> {
+        let sha = self.commit()?;
+        let files = self
+            .rt
+            .block_on(
+                self.client
+                    .list_files(&self.repo, self.hub_kind(), &sha, prefix),
+            )
+            .map_err(|e| self.map(&format!("{} file list", self.label()), e))?;
+        if files.len() > MAX_LISTING {
+            return Err(HubError::Protocol {
+                what: self.label(),
+                reason: format!("more than {MAX_LISTING} files"),
+            });
+        }
+        Ok(files
+            .into_iter()
+            .map(|f| RemoteFile {
+                path: f.path,
+                size: f.size,
+            })
+            .collect())
+    }
+
     fn hub_kind(&self) -> miner_hub::RepoType {
         match self.kind {
             RepoKind::Model => miner_hub::RepoType::Model,
@@ -360,27 +401,26 @@ impl RemoteRepo for HttpRepo {
     }
 
     fn list_files(&self) -> Result<Vec<RemoteFile>, HubError> {
-        let sha = self.commit()?;
-        let files = self
-            .rt
-            .block_on(
-                self.client
-                    .list_files(&self.repo, self.hub_kind(), &sha, None),
-            )
-            .map_err(|e| self.map(&format!("{} file list", self.label()), e))?;
-        if files.len() > MAX_LISTING {
-            return Err(HubError::Protocol {
-                what: self.label(),
-                reason: format!("more than {MAX_LISTING} files"),
-            });
+        self.list(None)
+    }
+
+    fn list_files_under(&self, prefix: &str) -> Result<Vec<RemoteFile>, HubError> {
+        match self.list(Some(prefix)) {
+            Err(HubError::NotFound { .. }) => Ok(Vec::new()),
+            r => r,
         }
-        Ok(files
-            .into_iter()
-            .map(|f| RemoteFile {
-                path: f.path,
-                size: f.size,
-            })
-            .collect())
+    }
+
+    fn file_size(&self, file: &str) -> Result<Option<u64>, HubError> {
+        let sha = self.commit()?;
+        match self.rt.block_on(
+            self.client
+                .head_file(&self.repo, self.hub_kind(), &sha, file),
+        ) {
+            Ok(m) => Ok(Some(m.size)),
+            Err(miner_hub::HubError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.map(&format!("{}/{file:?}", self.label()), e)),
+        }
     }
 
     fn read_range(
