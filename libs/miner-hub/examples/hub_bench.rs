@@ -35,6 +35,13 @@ fn usage() -> ! {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var_os("HUB_BENCH_TRACE").is_some() {
+        // Phase timings on stderr (`miner_hub` debug events).
+        tracing_subscriber::fmt()
+            .with_env_filter("miner_hub=debug")
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut endpoint = None;
     let mut token = None;
@@ -54,6 +61,12 @@ async fn main() {
     let mut cfg = HubConfig::from_env(endpoint.as_deref(), "HF_TOKEN");
     if token.is_some() {
         cfg.token = token;
+    }
+    if let Some(n) = std::env::var("HUB_BENCH_PARALLEL_PARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.parallel_parts = n;
     }
     let client = match HubClient::new(cfg) {
         Ok(c) => c,

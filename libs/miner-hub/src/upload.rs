@@ -132,7 +132,9 @@ impl HubClient {
         let file = tokio::task::spawn_blocking(move || hash_file(&owned))
             .await
             .map_err(|e| HubError::Config(format!("hashing task: {e}")))??;
+        tracing::debug!(size = file.size, "Hub upload: hashed");
         let mode = self.preupload(repo, kind, path_in_repo, &file).await?;
+        tracing::debug!(%mode, "Hub upload: preupload done");
         let progress = progress.map(Arc::new);
         let op = if mode == "regular" && file.size <= MAX_REGULAR_BYTES {
             let bytes = tokio::fs::read(local)
@@ -152,6 +154,7 @@ impl HubClient {
             }
         } else {
             self.lfs_upload(repo, kind, local, &file, progress).await?;
+            tracing::debug!("Hub upload: LFS transfer done");
             CommitOp::Lfs {
                 sha256: file.sha256.clone(),
                 size: file.size,
@@ -349,6 +352,7 @@ impl HubClient {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
+        tracing::debug!(parts = parts.len(), "Hub upload: parts sent");
         let body = json!({"oid": file.sha256, "parts": parts});
         self.send(href, || {
             Ok(self
