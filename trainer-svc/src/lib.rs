@@ -19,6 +19,7 @@
 pub mod api;
 pub mod data;
 pub mod engine;
+pub mod inputs;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -155,6 +155,13 @@ pub fn render(s: &StatusSnapshot) -> String {
             p.blocks_remaining as f64,
         );
     }
+    let skipped = crate::data::SKIPPED_SHARDS.load(std::sync::atomic::Ordering::Relaxed);
+    out.push_str(&format!(
+        "# HELP miner_data_shards_skipped_total Hub dataset shards skipped because they could not be parsed
+         # TYPE miner_data_shards_skipped_total counter
+miner_data_shards_skipped_total {skipped}
+"
+    ));
     out
 }
 

@@ -29,9 +29,20 @@ pub struct Cli {
     /// default (tiny model, bundled corpus and tokenizer) under `./checkpoints/miner/...`.
     #[arg(long, env = "MINER_CONFIG_PATH")]
     pub path: Option<PathBuf>,
-    /// Directory of safetensors base weights (and `tokenizer.json`) for the non-expert tensors.
+    /// Pretrained base weights: a directory of safetensors (and `tokenizer.json`), or a Hub model
+    /// repository `owner/name[@revision]` (only the tensors the expert group uses are fetched).
+    /// Default for a configured expert group: `model.model_path` of the config.
     #[arg(long, env = "TRAINER_BASE_WEIGHTS")]
-    pub base_weights: Option<PathBuf>,
+    pub base_weights: Option<String>,
+    /// The Hugging Face Hub to fetch base weights, tokenizer and datasets from.
+    #[arg(long, env = "HF_ENDPOINT")]
+    pub hf_endpoint: Option<String>,
+    /// Hub token for gated or private repositories (sent only to `--hf-endpoint`).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+    /// Where Hub downloads are cached (default `<data root>/hub_cache`); survives restarts.
+    #[arg(long, env = "TRAINER_HUB_CACHE")]
+    pub hub_cache: Option<PathBuf>,
     /// HuggingFace `config.json` of the model (default: DeepSeek-V2-Lite, or tiny for the embedded default).
     #[arg(long, env = "TRAINER_MODEL_CONFIG")]
     pub model_config: Option<PathBuf>,
@@ -95,6 +106,49 @@ pub enum Precision {
 pub enum TokenizerSource {
     Embedded,
     File(PathBuf),
+    /// `tokenizer.json` of a Hub model repository at a revision (cached like the weights).
+    Hub {
+        repo: String,
+        revision: String,
+    },
+}
+
+/// Where pretrained base weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseWeights {
+    /// A local directory of `*.safetensors`.
+    Dir(PathBuf),
+    /// A Hub model repository at a revision.
+    Hub { repo: String, revision: String },
+}
+
+impl BaseWeights {
+    /// A directory if `s` names one, else a Hub `owner/name[@revision]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let p = Path::new(s);
+        if p.is_dir() {
+            return Ok(BaseWeights::Dir(p.to_path_buf()));
+        }
+        match crate::model::hub::parse_repo_ref(s) {
+            Some((repo, revision)) => Ok(BaseWeights::Hub { repo, revision }),
+            None => Err(format!(
+                "{s:?} is neither a directory nor a Hub repository `owner/name[@revision]`"
+            )),
+        }
+    }
+
+    /// The tokenizer that goes with these weights: `<dir>/tokenizer.json` or the repo's.
+    pub fn tokenizer(&self) -> Option<TokenizerSource> {
+        match self {
+            BaseWeights::Dir(d) => Some(d.join("tokenizer.json"))
+                .filter(|p| p.is_file())
+                .map(TokenizerSource::File),
+            BaseWeights::Hub { repo, revision } => Some(TokenizerSource::Hub {
+                repo: repo.clone(),
+                revision: revision.clone(),
+            }),
+        }
+    }
 }
 
 /// Data settings of the expert group.
@@ -118,7 +172,15 @@ pub struct Settings {
     pub precision: Precision,
     pub max_steps: Option<u64>,
     pub model: ModelConfig,
-    pub base_weights: Option<PathBuf>,
+    /// Replace [`Self::model`] by the base weights' `config.json` (with the Connito overrides)
+    /// when training starts: a configured group without `--model-config`, as upstream builds the
+    /// model from `model.model_path`'s config.
+    pub model_from_base: bool,
+    pub base_weights: Option<BaseWeights>,
+    /// The Hub (endpoint, token, timeouts) for Hub base weights, tokenizer and datasets.
+    pub hub: crate::model::hub::HubEndpoint,
+    /// Cache of Hub downloads.
+    pub hub_cache: PathBuf,
     pub expert_group_id: u32,
     pub expert_group_name: String,
     pub experts: GroupExperts,
@@ -296,6 +358,27 @@ impl Settings {
             .unwrap_or_else(|| run_dir.clone());
         let group_name = cfg.task.expert_group_name.clone();
         let embedded = group_name == EMBEDDED_GROUP;
+        let hub =
+            crate::model::hub::HubEndpoint::new(cli.hf_endpoint.as_deref(), cli.hf_token.clone());
+        let hub_cache = cli
+            .hub_cache
+            .clone()
+            .unwrap_or_else(|| root.join("hub_cache"));
+        let base_weights = match &cli.base_weights {
+            Some(b) => Some(BaseWeights::parse(b).map_err(|e| bad("--base-weights", e))?),
+            // A configured group starts from `model.model_path` (addendum A3); empty or a file
+            // (a local `tokenizer.json`): random init.
+            None if !embedded
+                && !cfg.model.model_path.is_empty()
+                && !Path::new(&cfg.model.model_path).is_file() =>
+            {
+                Some(
+                    BaseWeights::parse(&cfg.model.model_path)
+                        .map_err(|e| bad("model.model_path", e))?,
+                )
+            }
+            None => None,
+        };
 
         let precision = match cfg.model.precision.as_str() {
             "fp16-mixed" => Precision::Fp16Mixed,
@@ -324,7 +407,7 @@ impl Settings {
             };
             (0, embedded_experts(&model), data, model)
         } else {
-            Self::group_from_contract(&cfg, y, &root, cli)?
+            Self::group_from_contract(&cfg, y, &root, cli, base_weights.as_ref(), &hub, &hub_cache)?
         };
 
         // The embedded tiny setup trains from scratch: a larger default lr so the loss visibly falls.
@@ -381,13 +464,17 @@ impl Settings {
                 .map_err(|e| bad("task.exp.data.dataset_sources", e.to_string()))?;
         }
         let gao = cfg.local_par.global_opt_interval;
+        let model_from_base = !embedded && cli.model_config.is_none() && base_weights.is_some();
         Ok(Settings {
             run_dir,
             device,
             precision,
             max_steps: cli.max_steps,
             model,
-            base_weights: cli.base_weights.clone(),
+            model_from_base,
+            base_weights,
+            hub,
+            hub_cache,
             expert_group_id,
             expert_group_name: group_name,
             experts,
@@ -420,12 +507,15 @@ impl Settings {
         y: &serde_yaml::Value,
         root: &Path,
         cli: &Cli,
+        base: Option<&BaseWeights>,
+        hub: &crate::model::hub::HubEndpoint,
+        hub_cache: &Path,
     ) -> Result<(u32, GroupExperts, DataSettings, ModelConfig), ConfigError> {
-        let base = root.join("expert_groups");
+        let groups_dir = root.join("expert_groups");
         let group = cfg
-            .expert_group(Some(&base))
+            .expert_group(Some(&groups_dir))
             .map_err(|e| bad("task.expert_group_name", e.to_string()))?;
-        let group_dir = base.join(&group.name);
+        let group_dir = groups_dir.join(&group.name);
         let experts: GroupExperts = group
             .layers
             .keys()
@@ -462,11 +552,33 @@ impl Settings {
             if path.is_relative() {
                 path = group_dir.join(path);
             }
+            if !path.exists()
+                && let Some((repo, revision)) = crate::model::hub::parse_repo_ref(&src.path)
+            {
+                if !(src.weight.is_finite() && src.weight > 0.0) {
+                    return Err(bad(
+                        &format!("data.dataset_sources[{i}].weight"),
+                        format!("{} is not > 0", src.weight),
+                    ));
+                }
+                sources.push(SourceSpec::hub(
+                    crate::data::HubDataset {
+                        endpoint: hub.clone(),
+                        cache: hub_cache.to_path_buf(),
+                        repo,
+                        revision,
+                        config: src.name.clone(),
+                        text_column: src.text_column.clone(),
+                    },
+                    src.weight,
+                ));
+                continue;
+            }
             if !path.exists() {
                 return Err(bad(
                     &field,
                     format!(
-                        "{}: no local file at {} (streaming from the Hub is not supported; download the data and point `path` at a .parquet, .jsonl or .txt file or a directory of them)",
+                        "{}: no local file at {} and not a Hub dataset `owner/name[@revision]` (point `path` at a .parquet, .jsonl or .txt file, a directory of them, or a Hub dataset)",
                         src.path,
                         path.display()
                     ),
@@ -517,22 +629,23 @@ impl Settings {
             }
         }
         let tokenizer = {
-            let from_base = cli
-                .base_weights
-                .as_ref()
-                .map(|d| d.join("tokenizer.json"))
-                .filter(|p| p.exists());
+            let from_base = base.and_then(BaseWeights::tokenizer);
             let model_path = PathBuf::from(&cfg.model.model_path);
             let from_model = [model_path.join("tokenizer.json"), model_path.clone()]
                 .into_iter()
-                .find(|p| p.is_file());
+                .find(|p| p.is_file())
+                .map(TokenizerSource::File)
+                .or_else(|| {
+                    crate::model::hub::parse_repo_ref(&cfg.model.model_path)
+                        .map(|(repo, revision)| TokenizerSource::Hub { repo, revision })
+                });
             match from_base.or(from_model) {
-                Some(p) => TokenizerSource::File(p),
+                Some(t) => t,
                 None => {
                     return Err(bad(
                         "model.model_path",
                         format!(
-                            "{}: no local tokenizer.json (pass --base-weights DIR with one, or set model.model_path to it)",
+                            "{}: no local tokenizer.json (pass --base-weights DIR with one, or set model.model_path to it or to a Hub repository)",
                             model_path.display()
                         ),
                     ));

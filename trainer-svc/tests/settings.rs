@@ -122,17 +122,53 @@ fn on_disk_expert_group_with_local_data_trains() {
 }
 
 #[test]
-fn hub_only_sources_and_bad_fields_are_refused_with_the_field_named() {
+fn reference_group_reads_the_hub_and_bad_fields_are_refused_with_the_field_named() {
     let tmp = tempfile::tempdir().unwrap();
-    // exp_math (built into the contract) streams allenai/c4 from the Hub: not available here.
+    // exp_math (built into the contract) streams allenai/c4 and Nemotron-CC-Math from the Hub and
+    // starts from the pretrained deepseek-ai/DeepSeek-V2-Lite (tokenizer included): no other flag.
     let run = tmp.path().join("run");
     write(
         &run.join("config.yaml"),
         "task:\n  expert_group_name: exp_math\n",
     );
+    let s = Settings::from_cli(&cli(&["--path", run.to_str().unwrap()])).unwrap();
+    let names: Vec<&str> = s.data.sources.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(names, ["allenai/c4:en", "nvidia/Nemotron-CC-Math-v1:4plus"]);
+    assert_eq!(
+        s.base_weights,
+        Some(trainer_svc::settings::BaseWeights::Hub {
+            repo: "deepseek-ai/DeepSeek-V2-Lite".into(),
+            revision: "main".into()
+        })
+    );
+    assert_eq!(
+        s.data.tokenizer,
+        TokenizerSource::Hub {
+            repo: "deepseek-ai/DeepSeek-V2-Lite".into(),
+            revision: "main".into()
+        }
+    );
+    // A source that is neither a local file nor a Hub dataset id names the field.
+    write(&run.join("config.yaml"), "task:\n  expert_group_name: g\n");
+    write(
+        &run.join("expert_groups/g/config.yaml"),
+        "group_id: 1\ndata:\n  dataset_sources:\n    - path: not a dataset\n",
+    );
+    write(
+        &run.join("expert_groups/g/expert_assignment.json"),
+        r#"{"1": [[0, 1]]}"#,
+    );
     let e = Settings::from_cli(&cli(&["--path", run.to_str().unwrap()])).unwrap_err();
     assert_eq!(e.field, "data.dataset_sources[0].path", "{e}");
-    assert!(e.to_string().contains("allenai/c4"), "{e}");
+    assert!(e.to_string().contains("not a dataset"), "{e}");
+    let e = Settings::from_cli(&cli(&[
+        "--path",
+        run.to_str().unwrap(),
+        "--base-weights",
+        "not/a/repo",
+    ]))
+    .unwrap_err();
+    assert_eq!(e.field, "--base-weights", "{e}");
 
     write(
         &run.join("config.yaml"),

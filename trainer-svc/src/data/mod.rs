@@ -2,10 +2,12 @@
 //! split that never reaches the training stream, BOS-prefixed fixed-length batches with padding
 //! masked out of the labels, and a serializable position for resume. No `tch` here.
 
+pub mod hub_source;
 pub mod source;
 pub mod stream;
 pub mod tokenize;
 
+pub use hub_source::{HubDataset, SKIPPED_SHARDS};
 pub use source::{SourceKind, SourceSpec};
 pub use stream::{DataPosition, SourcePosition, TrainStream, held_out_docs, is_held_out};
 pub use tokenize::{IGNORE_INDEX, TextTokenizer, TokenBatch, make_batch};

@@ -11,6 +11,7 @@ use parquet::record::Field;
 use parquet::record::reader::RowIter;
 
 use super::DataError;
+use super::hub_source::{HubDataset, HubShards};
 
 /// The embedded default corpus (see `assets/make_assets.py`).
 pub const EMBEDDED_MATH_JSONL: &str = include_str!("../../assets/math.jsonl");
@@ -27,6 +28,8 @@ pub enum SourceKind {
     Parquet { path: PathBuf, text_column: String },
     /// A corpus compiled into the binary (`name` is `math.jsonl` or `prose.txt`).
     Embedded(&'static str),
+    /// A Hub dataset streamed shard by shard.
+    Hub(HubDataset),
 }
 
 /// One weighted source of the training mix.
@@ -42,7 +45,10 @@ impl SourceSpec {
     /// Picks the reader from the file extension: `.jsonl`/`.json` → JSONL, `.parquet` →
     /// parquet, anything else → text.
     pub fn local(name: &str, path: &Path, text_column: &str, weight: f64) -> Self {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        // `x.json.gz` is read through gzip as `x.json`.
+        let plain = path.to_string_lossy();
+        let plain = Path::new(plain.strip_suffix(".gz").unwrap_or(&plain));
+        let ext = plain.extension().and_then(|e| e.to_str()).unwrap_or("");
         let kind = match ext {
             "jsonl" | "json" => SourceKind::Jsonl {
                 path: path.to_path_buf(),
@@ -77,9 +83,39 @@ impl SourceSpec {
         ]
     }
 
-    /// Checks that the source can be opened (used by config validation).
+    /// A Hub dataset source; its display name is `owner/name[:config]`.
+    pub fn hub(ds: HubDataset, weight: f64) -> Self {
+        let name = match &ds.config {
+            Some(c) => format!("{}:{c}", ds.repo),
+            None => ds.repo.clone(),
+        };
+        SourceSpec {
+            name,
+            kind: SourceKind::Hub(ds),
+            weight,
+        }
+    }
+
+    /// Checks that a local source can be opened (used by config validation; Hub sources are
+    /// reached when training starts).
     pub fn check(&self) -> Result<(), DataError> {
+        if matches!(self.kind, SourceKind::Hub(_)) {
+            return Ok(());
+        }
         self.open().map(|_| ())
+    }
+
+    /// Opens a Hub source at a saved commit (resume), others as [`Self::open`].
+    pub(crate) fn open_at(&self, commit: Option<&str>) -> Result<DocReader, DataError> {
+        match &self.kind {
+            SourceKind::Hub(ds) => Ok(DocReader {
+                name: self.name.clone(),
+                inner: Inner::Hub(Box::new(HubShards::open(ds, commit)?)),
+                line_no: 0,
+                index: 0,
+            }),
+            _ => self.open(),
+        }
     }
 
     pub(crate) fn open(&self) -> Result<DocReader, DataError> {
@@ -88,11 +124,11 @@ impl SourceSpec {
             json_col,
         };
         let inner = match &self.kind {
-            SourceKind::Text(p) => lines(Box::new(BufReader::new(open_file(p)?)), None),
-            SourceKind::Jsonl { path, text_column } => lines(
-                Box::new(BufReader::new(open_file(path)?)),
-                Some(text_column.clone()),
-            ),
+            SourceKind::Text(p) => lines(open_lines(p)?, None),
+            SourceKind::Jsonl { path, text_column } => {
+                lines(open_lines(path)?, Some(text_column.clone()))
+            }
+            SourceKind::Hub(_) => return self.open_at(None),
             SourceKind::Parquet { path, text_column } => {
                 Inner::Parquet(Box::new(open_parquet(path, text_column)?))
             }
@@ -108,6 +144,18 @@ impl SourceSpec {
             line_no: 0,
             index: 0,
         })
+    }
+}
+
+/// A buffered line reader, through gzip when the name ends in `.gz`.
+fn open_lines(p: &Path) -> Result<Box<dyn BufRead + Send>, DataError> {
+    let f = open_file(p)?;
+    if p.to_string_lossy().ends_with(".gz") {
+        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            f,
+        ))))
+    } else {
+        Ok(Box::new(BufReader::new(f)))
     }
 }
 
@@ -149,6 +197,7 @@ enum Inner {
         json_col: Option<String>,
     },
     Parquet(Box<RowIter<'static>>),
+    Hub(Box<HubShards>),
 }
 
 /// Streams the documents of one source in file order; `index` counts documents returned.
@@ -162,9 +211,49 @@ pub(crate) struct DocReader {
 }
 
 impl DocReader {
+    /// A reader with no documents.
+    pub(crate) fn empty() -> Self {
+        DocReader {
+            name: String::new(),
+            inner: Inner::Lines {
+                reader: Box::new(Cursor::new("")),
+                json_col: None,
+            },
+            line_no: 0,
+            index: 0,
+        }
+    }
+
+    /// For a Hub source: (commit, shard index, documents read in the shard).
+    pub(crate) fn shard_position(&self) -> Option<(String, u64, u64)> {
+        match &self.inner {
+            Inner::Hub(h) => Some((h.commit.clone(), h.shard, h.shard_doc)),
+            _ => None,
+        }
+    }
+
+    /// For a Hub source: continue at document `doc` of shard `shard`; `false` for others.
+    pub(crate) fn seek_shard(&mut self, shard: u64, doc: u64, index: u64) -> bool {
+        match &mut self.inner {
+            Inner::Hub(h) => {
+                h.seek(shard, doc);
+                self.index = index;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The next document, or `None` at the end of the source.
     pub(crate) fn next_doc(&mut self) -> Result<Option<String>, DataError> {
         let (reader, json_col) = match &mut self.inner {
+            Inner::Hub(h) => {
+                let d = h.next_doc()?;
+                if d.is_some() {
+                    self.index += 1;
+                }
+                return Ok(d);
+            }
             Inner::Lines { reader, json_col } => (reader, json_col),
             Inner::Parquet(rows) => loop {
                 let Some(row) = rows.next() else {

@@ -53,6 +53,18 @@ pub struct SourcePosition {
     pub next_doc: u64,
     /// Training documents taken from this source since the stream began.
     pub consumed: u64,
+    /// Hub sources: the commit the dataset is read at, the shard being read and the documents
+    /// read in it (a resume continues there without reading earlier shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubPosition>,
+}
+
+/// Where a Hub source stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubPosition {
+    pub commit: String,
+    pub shard: u64,
+    pub shard_doc: u64,
 }
 
 /// Where the training stream stands; saved with each checkpoint and restored on resume.
@@ -111,6 +123,7 @@ impl TrainStream {
                         epoch: 0,
                         next_doc: 0,
                         consumed: 0,
+                        hub: None,
                     },
                     spec: spec.clone(),
                 })
@@ -144,6 +157,13 @@ impl TrainStream {
                     "saved source {} but config has {}",
                     saved.name, src.spec.name
                 )));
+            }
+            if let Some(h) = &saved.hub {
+                src.reader = src.spec.open_at(Some(&h.commit))?;
+                if src.reader.seek_shard(h.shard, h.shard_doc, saved.next_doc) {
+                    src.pos = saved.clone();
+                    continue;
+                }
             }
             for _ in 0..saved.next_doc {
                 if src.reader.next_doc()?.is_none() {
@@ -179,6 +199,14 @@ impl TrainStream {
             match src.reader.next_doc()? {
                 Some(doc) => {
                     src.pos.next_doc = src.reader.index;
+                    src.pos.hub = src
+                        .reader
+                        .shard_position()
+                        .map(|(commit, shard, shard_doc)| HubPosition {
+                            commit,
+                            shard,
+                            shard_doc,
+                        });
                     if is_held_out(&doc, self.vali_fraction) {
                         continue;
                     }
@@ -194,7 +222,8 @@ impl TrainStream {
                         )));
                     }
                     reopened = true;
-                    src.reader = src.spec.open()?;
+                    let commit = src.reader.shard_position().map(|(c, _, _)| c);
+                    src.reader = src.spec.open_at(commit.as_deref())?;
                     src.pos.epoch += 1;
                     src.pos.next_doc = 0;
                 }

@@ -16,9 +16,9 @@ use miner_contract::layout::{CheckpointEntry, CheckpointKind, RunDir};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::watch;
 
-use crate::data::{self, DataPipeline, TextTokenizer, TokenBatch, TrainStream};
+use crate::data::{self, DataPipeline, TokenBatch, TrainStream};
 use crate::optim::{AdamW, GradScaler, clip_to, cosine_with_warmup, global_norm};
-use crate::settings::{Precision, Settings, TokenizerSource, device_name};
+use crate::settings::{Precision, Settings, device_name};
 use crate::status::{Control, StatusSnapshot, TrainerState};
 use checkpoint::TrainerStateFile;
 use model::PartialModel;
@@ -153,13 +153,12 @@ impl Trainer {
         status_tx: watch::Sender<StatusSnapshot>,
     ) -> anyhow::Result<Trainer> {
         tracing::info!("(0) Setup training");
+        let mut s = s;
+        crate::inputs::resolve_model_config(&mut s)?;
         tch::manual_seed(s.seed);
         let run = RunDir::create(&s.run_dir)
             .with_context(|| format!("create run directory {}", s.run_dir.display()))?;
-        let tokenizer = match &s.data.tokenizer {
-            TokenizerSource::Embedded => TextTokenizer::embedded()?,
-            TokenizerSource::File(p) => TextTokenizer::from_file(p)?,
-        };
+        let tokenizer = crate::inputs::load_tokenizer(&s)?;
         if tokenizer.vocab_size() > s.model.vocab_size {
             bail!(
                 "tokenizer has {} ids but the model's vocabulary is {}",
@@ -177,14 +176,8 @@ impl Trainer {
             .map(|c| data::make_batch(&tokenizer, c, s.data.sequence_length))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut model = PartialModel::new(&s.model, &s.experts, s.device, compute_kind(&s), s.seed)
-            .context("build the partial model")?;
+        let mut model = crate::inputs::build_model(&s, compute_kind(&s))?;
         model.set_checkpointing(s.device.is_cuda());
-        if let Some(dir) = &s.base_weights {
-            model
-                .load_safetensors_dir(dir)
-                .with_context(|| format!("load base weights from {}", dir.display()))?;
-        }
         let trainable = model.trainable();
         let n_train: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
         let n_total: i64 = n_train

@@ -7,6 +7,8 @@
 
 pub mod attention;
 pub mod config;
+pub mod hub;
+pub mod hub_weights;
 pub mod moe;
 pub mod naming;
 pub mod norm;
@@ -577,6 +579,16 @@ impl PartialModel {
     /// needed byte ranges are read.
     pub fn load_safetensors_dir(&mut self, dir: &Path) -> anyhow::Result<LoadReport> {
         let headers = safetensors_dir::read_dir_headers(dir)?;
+        self.load_tensor_infos(&headers, &dir.display().to_string())
+    }
+
+    /// [`Self::load_safetensors_dir`] on tensors already located (a directory's headers, or the
+    /// verified Hub cache of [`hub_weights`]); `label` names the source in errors.
+    pub fn load_tensor_infos(
+        &mut self,
+        headers: &BTreeMap<String, safetensors_dir::TensorInfo>,
+        label: &str,
+    ) -> anyhow::Result<LoadReport> {
         let owned = self.group_experts();
         let owns = |l: usize, e: usize| owned.get(&l).is_some_and(|v| v.binary_search(&e).is_ok());
         let mut named = Vec::new();
@@ -585,7 +597,7 @@ impl PartialModel {
         // (layer, expert) -> (gate, up)
         let mut halves: BTreeMap<(usize, usize), (Option<Tensor>, Option<Tensor>)> =
             BTreeMap::new();
-        for (name, info) in &headers {
+        for (name, info) in headers {
             if self.index.contains_key(name) && naming::parse_expert_key(name).is_none() {
                 named.push((name.clone(), safetensors_dir::read_tensor(info)?));
                 continue;
@@ -638,14 +650,13 @@ impl PartialModel {
                     ));
                 }
                 _ => bail!(
-                    "{}: expert {expert} of layer {layer} lacks its gate_proj or up_proj",
-                    dir.display()
+                    "{label}: expert {expert} of layer {layer} lacks its gate_proj or up_proj"
                 ),
             }
         }
         let mut report = self
             .load_named(named)
-            .with_context(|| format!("load base weights from {}", dir.display()))?;
+            .with_context(|| format!("load base weights from {label}"))?;
         report.skipped_experts.extend(skipped);
         report.unknown.extend(unknown);
         Ok(report)

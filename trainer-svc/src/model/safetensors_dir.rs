@@ -29,7 +29,7 @@ pub struct TensorInfo {
     pub end: u64,
 }
 
-fn kind_of(dtype: &str) -> Option<Kind> {
+pub fn kind_of(dtype: &str) -> Option<Kind> {
     Some(match dtype {
         "F32" => Kind::Float,
         "F16" => Kind::Half,
@@ -45,6 +45,23 @@ fn kind_of(dtype: &str) -> Option<Kind> {
     })
 }
 
+/// The safetensors dtype name of a kind [`kind_of`] accepts.
+pub fn dtype_str(k: Kind) -> &'static str {
+    match k {
+        Kind::Float => "F32",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Double => "F64",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Int16 => "I16",
+        Kind::Int8 => "I8",
+        Kind::Uint8 => "U8",
+        Kind::Bool => "BOOL",
+        _ => "?",
+    }
+}
+
 /// Reads the header of one safetensors file.
 pub fn read_header(path: &Path) -> anyhow::Result<BTreeMap<String, TensorInfo>> {
     let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
@@ -56,7 +73,7 @@ pub fn read_header(path: &Path) -> anyhow::Result<BTreeMap<String, TensorInfo>> 
     f.read_exact(&mut len)
         .with_context(|| format!("read safetensors header length of {}", path.display()))?;
     let n = u64::from_le_bytes(len);
-    if n > 100_000_000 || 8 + n > file_len {
+    if n > MAX_HEADER_BYTES || 8 + n > file_len {
         bail!(
             "{}: safetensors header length {n} is invalid",
             path.display()
@@ -65,7 +82,23 @@ pub fn read_header(path: &Path) -> anyhow::Result<BTreeMap<String, TensorInfo>> 
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)
         .with_context(|| format!("read safetensors header of {}", path.display()))?;
-    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+    parse_header(&header, file_len, path)
+}
+
+/// Most bytes a safetensors header may have (the real DeepSeek-V2-Lite shards have ~100 KB).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Parses the JSON header of a safetensors file of `file_len` bytes (`header` is the `n` bytes after
+/// the 8-byte length); every tensor's range must lie inside the file and hold exactly
+/// `numel * element size` bytes. `file` is recorded in each [`TensorInfo`].
+pub fn parse_header(
+    header: &[u8],
+    file_len: u64,
+    file: &Path,
+) -> anyhow::Result<BTreeMap<String, TensorInfo>> {
+    let path = file;
+    let n = header.len() as u64;
+    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
         .with_context(|| format!("parse safetensors header of {}", path.display()))?;
     let base = 8 + n;
     let mut out = BTreeMap::new();
@@ -74,22 +107,22 @@ pub fn read_header(path: &Path) -> anyhow::Result<BTreeMap<String, TensorInfo>> 
             continue;
         }
         let e: Entry = serde_json::from_value(v)
-            .with_context(|| format!("{}: bad header entry {name}", path.display()))?;
+            .with_context(|| format!("{}: bad header entry {name:?}", path.display()))?;
         let kind = kind_of(&e.dtype).with_context(|| {
             format!(
-                "{}: tensor {name} has unsupported dtype {}",
+                "{}: tensor {name:?} has unsupported dtype {:?}",
                 path.display(),
                 e.dtype
             )
         })?;
         let [s, end] = e.data_offsets;
-        let numel: i64 = e.shape.iter().product();
-        if end < s
-            || base + end > file_len
-            || (end - s) != (numel.max(0) as u64) * kind.elt_size_in_bytes() as u64
-        {
+        let numel = e.shape.iter().try_fold(1u64, |acc, d| {
+            u64::try_from(*d).ok().and_then(|d| acc.checked_mul(d))
+        });
+        let want = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
+        if end < s || base.checked_add(end).is_none_or(|e| e > file_len) || Some(end - s) != want {
             bail!(
-                "{}: tensor {name} has an inconsistent byte range",
+                "{}: tensor {name:?} has an inconsistent byte range",
                 path.display()
             );
         }
