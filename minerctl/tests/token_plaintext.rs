@@ -7,9 +7,19 @@ use std::time::{Duration, Instant};
 
 const MINERCTL: &str = env!("CARGO_BIN_EXE_minerctl");
 
-fn run(addr: &str, token: &std::path::Path) -> (Option<i32>, String, Duration) {
+/// Runs `minerctl status` against `addr`. Off-loopback addresses run inside a fresh network
+/// namespace (`unshare --net`, CI runs as root), so even a regression that connects sends nothing
+/// off this machine.
+fn run(addr: &str, token: &std::path::Path, isolated: bool) -> (Option<i32>, String, Duration) {
     let started = Instant::now();
-    let out = Command::new(MINERCTL)
+    let mut cmd = if isolated {
+        let mut c = Command::new("unshare");
+        c.args(["--net", MINERCTL]);
+        c
+    } else {
+        Command::new(MINERCTL)
+    };
+    let out = cmd
         .args([
             "status",
             "--trainer",
@@ -21,7 +31,7 @@ fn run(addr: &str, token: &std::path::Path) -> (Option<i32>, String, Duration) {
         .arg(token)
         .env_remove("RUST_LOG")
         .output()
-        .expect("run minerctl");
+        .expect("run minerctl (off-loopback cases need `unshare --net`, i.e. root)");
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -41,7 +51,11 @@ fn a_token_is_never_sent_in_plaintext_off_loopback() {
         "192.0.2.7:50051",
         "http://[2001:db8::7]:50051",
     ] {
-        let (code, out, took) = run(addr, &token);
+        let (code, out, took) = run(addr, &token, true);
+        assert!(
+            !out.contains("unshare:"),
+            "this test needs `unshare --net` (root) to stay off the network: {out}"
+        );
         assert_ne!(code, Some(0), "{addr}: {out}");
         assert!(
             out.contains("refusing to send the control token in plaintext"),
@@ -57,7 +71,7 @@ fn a_token_is_never_sent_in_plaintext_off_loopback() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
     drop(free);
-    let (code, out, _) = run(&format!("http://127.0.0.1:{port}"), &token);
+    let (code, out, _) = run(&format!("http://127.0.0.1:{port}"), &token, false);
     assert_ne!(code, Some(0));
     assert!(!out.contains("plaintext"), "{out}");
 }
