@@ -62,6 +62,11 @@ impl ShardFormat {
             .find(|f| f.extension() == ext)
     }
 
+    /// Whether this is the default format (`safetensors`).
+    pub fn is_default(&self) -> bool {
+        *self == ShardFormat::default()
+    }
+
     /// `model_expgroup_<group_id>.<ext>`.
     pub fn file_name(self, group_id: u32) -> String {
         shard_file_name(group_id, self)
