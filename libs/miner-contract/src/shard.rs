@@ -62,6 +62,20 @@ impl ShardFormat {
             .find(|f| f.extension() == ext)
     }
 
+    /// The format of a file from its first bytes, when they tell: a `.pt` zip starts with a
+    /// local file header (`PK\x03\x04`), a safetensors file with an 8-byte header length and `{`.
+    /// (A safetensors header length starting `PK\x03\x04` would be 67 MB, over [`st::MAX_HEADER`],
+    /// so the two never overlap.) `None`: not enough bytes yet, or neither.
+    pub fn sniff(prefix: &[u8]) -> Option<ShardFormat> {
+        if prefix.starts_with(b"PK\x03\x04") {
+            Some(ShardFormat::Pt)
+        } else if prefix.len() > 8 && prefix[8] == b'{' {
+            Some(ShardFormat::Safetensors)
+        } else {
+            None
+        }
+    }
+
     /// Whether this is the default format (`safetensors`).
     pub fn is_default(&self) -> bool {
         *self == ShardFormat::default()
@@ -156,8 +170,9 @@ pub enum ShardError {
     Pt(#[from] PtError),
     #[error(transparent)]
     Safetensors(#[from] StError),
-    /// The file name ends in neither `.safetensors` nor `.pt`.
-    #[error("{path}: not a checkpoint shard: the name must end in .safetensors or .pt")]
+    /// The file is neither `.safetensors` nor `.pt` (by name, or by content when the name
+    /// does not tell).
+    #[error("{path}: not a checkpoint shard (neither a .safetensors nor a torch.save .pt file)")]
     UnknownFormat { path: PathBuf },
 }
 
@@ -188,6 +203,24 @@ fn format_of(path: &Path) -> Result<ShardFormat, ShardError> {
     })
 }
 
+/// The format of the file at `path` from its first bytes.
+fn sniff_path(path: &Path) -> Result<ShardFormat, ShardError> {
+    use std::io::Read;
+    let mut prefix = Vec::with_capacity(9);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(9).read_to_end(&mut prefix))
+        .map_err(|e| {
+            ShardError::Safetensors(StError::Io {
+                path: path.to_path_buf(),
+                op: "open".into(),
+                source: e,
+            })
+        })?;
+    ShardFormat::sniff(&prefix).ok_or_else(|| ShardError::UnknownFormat {
+        path: path.to_path_buf(),
+    })
+}
+
 /// An open shard of either format: the tensor list is read on open, data on demand.
 #[derive(Debug)]
 pub enum ShardReader {
@@ -196,9 +229,14 @@ pub enum ShardReader {
 }
 
 impl ShardReader {
-    /// Opens `path` in the format its suffix names.
+    /// Opens `path` in the format its suffix names; a file named otherwise is opened in the
+    /// format its first bytes show ([`ShardFormat::sniff`]), or refused.
     pub fn open(path: &Path) -> Result<Self, ShardError> {
-        Self::open_as(path, format_of(path)?)
+        let format = match ShardFormat::of_path(path) {
+            Some(f) => f,
+            None => sniff_path(path)?,
+        };
+        Self::open_as(path, format)
     }
 
     /// Opens `path` as `format`, whatever its name.
