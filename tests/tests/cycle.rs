@@ -233,15 +233,16 @@ async fn two_cycles_with_the_real_services_download_commit_submit_and_stop() {
     )
     .await;
     say(&format!("trainer published {}", first.dir_name));
+    // The trainer's shard (`.safetensors` by default), served as the validators' baseline.
+    let shard = first.model_path().expect("a manifest");
+    assert_eq!(
+        first.model_format(),
+        Some(miner_contract::shard::ShardFormat::Safetensors),
+        "{}",
+        shard.display()
+    );
     let vfile = tmp.path().join("validator_model.safetensors");
-    std::fs::copy(
-        first.path.join(miner_contract::layout::model_file_name(
-            0,
-            miner_contract::shard::ShardFormat::Safetensors,
-        )),
-        &vfile,
-    )
-    .unwrap();
+    std::fs::copy(&shard, &vfile).unwrap();
     let vhash = miner_contract::shard::hash_shard_file(&vfile)
         .unwrap()
         .to_hex();

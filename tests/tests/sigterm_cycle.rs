@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use miner_contract::layout::model_file_name;
 use miner_contract::shard::ShardFormat;
 use miner_proto::chainsync::v1 as cpb;
 use miner_proto::trainer::v1::TrainerState;
@@ -97,13 +96,8 @@ async fn sigterm_at_random_moments_of_a_cycle_exits_cleanly_and_the_miner_goes_o
     )
     .await;
     let vfile = s.tmp.path().join("validator_model.safetensors");
-    std::fs::copy(
-        first
-            .path
-            .join(model_file_name(0, ShardFormat::Safetensors)),
-        &vfile,
-    )
-    .unwrap();
+    assert_eq!(first.model_format(), Some(ShardFormat::Safetensors));
+    std::fs::copy(first.model_path().expect("a manifest"), &vfile).unwrap();
     let vhash = miner_contract::shard::hash_shard_file(&vfile)
         .unwrap()
         .to_hex();
