@@ -5,7 +5,8 @@
 //!
 //! Three parties per attempt: the async task receives the body and hands the pieces to a
 //! writer thread, which appends them to the staged file and tells a verifier thread how far
-//! the file is written; the verifier ([`PtFollower`]) checks the keys as soon as the tensor
+//! the file is written; the verifier ([`DownloadVerifier`]: `.safetensors` or `.pt`, told by the
+//! file's first bytes) checks the keys as soon as the tensor
 //! list is in, and hashes and checks each tensor once its bytes are on disk, so after the last
 //! byte only the rest of the last tensors remains. A refusal stops the transfer at once.
 //!
@@ -24,19 +25,19 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use miner_contract::hash::ModelHash;
-use miner_contract::layout::model_file_name;
-use miner_contract::pt::{FollowCheck, PtError, PtFollower, PtLayout, TensorMeta};
+use miner_contract::pt::PtError;
+use miner_contract::shard::shard_file_name;
 use miner_contract::{ExpertGroup, PublishInfo, Published, RunDir, Staged};
 use miner_keys::Hotkey;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::limits::{
-    DEEPSEEK_V2_LITE, MAX_ERROR_BODY, WIDEST_SHARD_DTYPE, check_free_space, error_text, file_bound,
-    max_shard_bytes, read_body_limited,
+    MAX_ERROR_BODY, WIDEST_SHARD_DTYPE, check_free_space, error_text, max_shard_bytes,
+    read_body_limited,
 };
 use super::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
-use super::verify::{GroupCheck, VerifyError, check_hash, verify_hash_signature};
+use super::verify::{DownloadVerifier, VerifyError, check_hash, sniff_file, verify_hash_signature};
 use super::{Peer, TransportError, block_message};
 use crate::commitment::{ChainCheckpoint, axon_is_served};
 
@@ -118,7 +119,11 @@ pub async fn download_checkpoint(
     let staged: Staged = run
         .stage_validator(candidate.uid, &candidate.hotkey, candidate.global_ver)
         .map_err(|e| local(run.validator_dir().as_path(), e.to_string()))?;
-    let file_path = staged.path().join(model_file_name(group.group_id));
+    // The route names no file: the shard's format (and so its name) is known once its first
+    // bytes are in; it is renamed to `model_expgroup_<gid>.<ext>` after verification.
+    let file_path = staged
+        .path()
+        .join(format!("model_expgroup_{}.download", group.group_id));
     let url = format!("{}/get-checkpoint", peer.base_url());
 
     let expected = super::verify::parse_committed_hash(&candidate.model_hash).map_err(rejected)?;
@@ -161,11 +166,14 @@ pub async fn download_checkpoint(
         }
     };
 
-    // Verified while it arrived: publish (fsyncs, manifest, rename) off the async threads.
-    // Dropping `staged` on any failure removes the directory.
+    // Verified while it arrived: name it by its format, publish (fsyncs, manifest, rename) off
+    // the async threads. Dropping `staged` on any failure removes the directory.
     let signed = candidate.signed_model_hash.clone();
     let gid = group.group_id;
     tokio::task::spawn_blocking(move || {
+        let format = sniff_file(&file_path).map_err(|e| e.to_string())?;
+        let named = file_path.with_file_name(shard_file_name(gid, format));
+        std::fs::rename(&file_path, &named).map_err(|e| format!("rename: {e}"))?;
         staged
             .publish(PublishInfo::verified_download(gid, hash, signed))
             .map_err(|e| e.to_string())
@@ -255,51 +263,6 @@ fn write_body(
     result
 }
 
-/// [`GroupCheck`] plus the size bounds: no tensor larger than a routed expert's largest
-/// tensor, and, once the tensor list is in, `limit` lowered to what these tensors can take in
-/// the file (the receiving side stops the transfer past it).
-struct BoundedCheck {
-    inner: GroupCheck,
-    limit: Arc<AtomicU64>,
-    path: PathBuf,
-}
-
-impl FollowCheck for BoundedCheck {
-    type Error = VerifyError;
-
-    fn entries(&mut self, layout: PtLayout, entries: &[TensorMeta]) -> Result<(), VerifyError> {
-        self.inner.entries(layout, entries)?;
-        let max_elems = DEEPSEEK_V2_LITE.max_tensor_elems();
-        if let Some(m) = entries.iter().find(|m| m.numel() as u64 > max_elems) {
-            return Err(VerifyError::File(PtError::InvalidTensor {
-                path: self.path.clone(),
-                name: m.name.clone(),
-                detail: format!(
-                    "shape {:?} has more elements than a routed expert's largest tensor ({max_elems})",
-                    m.shape
-                ),
-            }));
-        }
-        let bytes: u64 = entries.iter().map(|m| m.nbytes() as u64).sum();
-        let bound = file_bound(bytes, entries.len() as u64);
-        let cap = self.limit.load(Ordering::SeqCst);
-        if bound > cap {
-            return Err(VerifyError::File(PtError::NotACheckpoint {
-                path: self.path.clone(),
-                detail: format!(
-                    "its tensors need up to {bound} bytes, more than the expert group's {cap}"
-                ),
-            }));
-        }
-        self.limit.store(bound, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn data(&mut self, meta: &TensorMeta, le_bytes: &[u8]) -> Result<(), VerifyError> {
-        self.inner.data(meta, le_bytes)
-    }
-}
-
 /// The verifier thread: follows the file as the writer extends it (keys checked as soon as the
 /// tensor list is in, each tensor hashed and checked for finiteness once its bytes are there)
 /// and finishes when the file is complete. `Ok(None)`: the attempt was abandoned. A file the
@@ -312,12 +275,7 @@ fn verify_body(
     progress: &Progress,
     limit: Arc<AtomicU64>,
 ) -> Result<Option<ModelHash>, VerifyError> {
-    let check = BoundedCheck {
-        inner: GroupCheck::new(group),
-        limit,
-        path: path.to_path_buf(),
-    };
-    let mut follower = PtFollower::new(path, check)?;
+    let mut follower = DownloadVerifier::new(path, group, None)?.with_limit(limit);
     let mut seen = 0u64;
     loop {
         let w = progress.wait_beyond(seen);
@@ -325,7 +283,7 @@ fn verify_body(
             return Ok(None);
         }
         if w.complete {
-            let followed = follower.finish(w.bytes)?;
+            let (followed, _format) = follower.finish(w.bytes)?;
             tracing::debug!(
                 streamed = followed.streamed,
                 hashed_at_finish = followed.hashed_at_finish,
@@ -336,10 +294,10 @@ fn verify_body(
         seen = w.bytes.min(seen + VERIFY_STEP);
         follower.advance(seen)?;
         if !follower.following() {
-            return Err(VerifyError::File(PtError::CorruptZip {
+            return Err(VerifyError::from(PtError::CorruptZip {
                 path: path.to_path_buf(),
                 detail: format!(
-                    "not a torch.save checkpoint this miner can verify (refused after {seen} bytes: not a zip record, a compressed record, or an unparsable data.pkl)"
+                    "not a checkpoint this miner can verify as it streams (refused after {seen} bytes: not a zip record, a compressed record, or an unparsable data.pkl)"
                 ),
             }));
         }
