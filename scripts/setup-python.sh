@@ -14,5 +14,7 @@ fi
 rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$reqs"
+# huggingface_hub pulls hf_xet; without it the client offers LFS basic/multipart (what the Hub stand-in serves).
+"$venv/bin/pip" uninstall --quiet -y hf_xet || true
 echo "$stamp" > "$venv/.complete"
 echo "python venv ready at $venv ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
