@@ -94,6 +94,8 @@ pub struct Engine {
     pub(crate) phase_src: Arc<dyn PhaseSource>,
     pub(crate) source_kind: PhaseSourceKind,
     pub(crate) http: reqwest::Client,
+    /// The Hub transport (`None`: the HTTP routes).
+    pub(crate) hub: Option<crate::hub::HubRuntime>,
     pub(crate) policies: Policies,
     pub log: JobLog,
     pub metrics: Arc<Metrics>,
@@ -197,6 +199,13 @@ impl Engine {
         let run = RunDir::create(&s.run_dir)
             .map_err(|e| anyhow::anyhow!("run directory {}: {e}", s.run_dir.display()))?;
         let log = JobLog::open(&s.run_dir)?;
+        let hub = match &s.hub {
+            Some(h) => Some(
+                crate::hub::HubRuntime::new(h)
+                    .map_err(|e| anyhow::anyhow!("Hugging Face Hub client: {e}"))?,
+            ),
+            None => None,
+        };
         let (phase_tx, _) = watch::channel(None);
         let (head_tx, _) = watch::channel(0);
         Ok(Arc::new(Engine {
@@ -206,6 +215,7 @@ impl Engine {
             phase_src,
             source_kind,
             http,
+            hub,
             policies,
             log,
             metrics,
