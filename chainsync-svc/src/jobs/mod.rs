@@ -13,6 +13,7 @@
 //! (holder `chainsync-commit`) taken in COMMIT1 is kept until the SUBMIT of the same cycle ends
 //! (or the cycle is over).
 
+mod hub;
 mod record;
 mod run;
 
@@ -75,6 +76,8 @@ pub(crate) struct CycleCommit {
     pub model_hash: String,
     pub global_ver: u64,
     pub pin: Option<PinGuard>,
+    /// Hub transport: this cycle's shard upload (COMMIT1 sends, COMMIT2 waits).
+    pub upload: Option<watch::Receiver<hub::UploadState>>,
 }
 
 /// The head of a [`ChainClient`] as a [`ChainHead`] (for the local phase source).
