@@ -5,10 +5,13 @@
 //!   fault knobs (5xx N times, stall, close mid-body) and a record of what it received.
 //! * [`PhaseApiStandIn`]: the subnet owner's phase service (spec §3.3), computed from a
 //!   block source the test controls, with a "down" knob.
+//! * [`hub::HubStandIn`]: the Hugging Face Hub's HTTP API as huggingface_hub 1.10.1 uses it
+//!   (addendum part C), with an LFS storage listener, faults and a request log.
 //!
 //! Both follow the reference's Python behaviour as the spec describes it; they are written
 //! independently of the miner's own code so that a test using them cross-checks it.
 
+pub mod hub;
 mod owner_schedule;
 mod phase_api;
 mod validator;
