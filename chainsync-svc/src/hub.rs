@@ -100,8 +100,19 @@ impl HubSettings {
                 format!("{var:?} is not an environment variable name"),
             ));
         }
-        let token = std::env::var(var)
-            .ok()
+        Self::with_token(hf, endpoint, std::env::var(var).ok(), file)
+    }
+
+    /// [`Self::from_config`] with the endpoint resolved and the token given (`None`: missing).
+    pub fn with_token(
+        hf: &HfCfg,
+        endpoint: String,
+        token: Option<String>,
+        file: &Path,
+    ) -> Result<HubSettings, SettingsError> {
+        let field = |f: &str| format!("{}: hf.{f}", file.display());
+        let var = hf.token_env_var.trim();
+        let token = token
             .map(|t| t.trim().to_owned())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
