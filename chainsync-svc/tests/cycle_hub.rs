@@ -95,7 +95,13 @@ impl Bed {
         let mut c = self.client().await;
         wait_job(&mut c, kind, self.c1, Duration::from_secs(90)).await
     }
+    /// Our commitment in the post-state of `block` (waits for the block).
     async fn commitment(&self, block: u64) -> Option<String> {
+        let t0 = Instant::now();
+        while self.bed.head_now() < block {
+            assert!(t0.elapsed() < Duration::from_secs(60), "block {block} never came");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.bed
             .chain
             .commitments(NETUID, block)

@@ -30,6 +30,8 @@ fn daemon(path: &Path, wallet: &Path, port: u16) -> std::process::Output {
             "127.0.0.1:0",
             "--network",
             "local",
+            "--transport",
+            "http",
         ])
         .output()
         .expect("run chainsync-svc")

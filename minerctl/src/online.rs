@@ -199,7 +199,7 @@ pub fn run(cmd: Command) -> Result<(), CliError> {
         Command::Phase(a) => &a.online.target,
         Command::Jobs(a) => &a.online.target,
         Command::LoadBaseline(a) => &a.online.target,
-        Command::Checkpoint(_) | Command::Completions { .. } => {
+        Command::Checkpoint(_) | Command::Hub(_) | Command::Completions { .. } => {
             return Err(CliError::new(Exit::Other, "not an online command"));
         }
     };

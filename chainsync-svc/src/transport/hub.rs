@@ -252,6 +252,59 @@ async fn attempt(
 ) -> Result<Published, HubFetchError> {
     let hotkey = candidate.hotkey.as_str();
     let gid = group.group_id;
+    let local = |path: &Path, reason: String| HubFetchError::Local {
+        hotkey: hotkey.to_owned(),
+        path: path.display().to_string(),
+        reason,
+    };
+    let staged: Staged = run
+        .stage_validator(candidate.uid, hotkey, candidate.global_ver)
+        .map_err(|e| local(run.validator_dir().as_path(), e.to_string()))?;
+    let (file, hash) = fetch_into(
+        client,
+        hotkey,
+        repo,
+        rv,
+        group,
+        staged.path(),
+        Some(expected),
+        deadline,
+        progress,
+    )
+    .await?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let signed = candidate.signed_model_hash.clone();
+    tokio::task::spawn_blocking(move || {
+        staged
+            .publish(PublishInfo::verified_download(gid, hash, signed))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| local(&PathBuf::from(&name), format!("publish task failed: {e}")))?
+    .map_err(|reason| local(run.validator_dir().as_path(), reason))
+}
+
+/// Downloads the shard of `group` at `repo@rv` (`.safetensors`, else `.pt`) into `dir`,
+/// verifying it while it streams (routed-expert keys of the group, finite values) and, when
+/// `expected` is given, its model hash. `who` names the source in errors. Returns the file and
+/// its model hash; on an error the partial file may remain in `dir` (callers stage `dir`).
+#[allow(clippy::too_many_arguments)]
+pub async fn fetch_into(
+    client: &HubClient,
+    who: &str,
+    repo: &RepoId,
+    rv: &str,
+    group: &ExpertGroup,
+    dir: &Path,
+    expected: Option<ModelHash>,
+    deadline: Option<Instant>,
+    progress: &(dyn Fn(&HubFetchProgress) + Send + Sync),
+) -> Result<(PathBuf, ModelHash), HubFetchError> {
+    let hotkey = who;
+    let gid = group.group_id;
     let (kind, name, size) = pick_file(client, hotkey, repo, rv, gid).await?;
     if size > MAX_SHARD_BYTES {
         return Err(HubFetchError::TooLarge {
@@ -285,10 +338,7 @@ async fn attempt(
         file: name.clone(),
         reason,
     })?;
-    let staged: Staged = run
-        .stage_validator(candidate.uid, hotkey, candidate.global_ver)
-        .map_err(|e| local(run.validator_dir().as_path(), e.to_string()))?;
-    let file_path = staged.path().join(&name);
+    let file_path = dir.join(&name);
     let (_meta, mut body) = client
         .open_file(repo, KIND, rv, &name, 0)
         .await
@@ -348,20 +398,15 @@ async fn attempt(
     }
     result?;
     let hash = match verdict {
-        Ok(Some(f)) => check_hash(&f, &expected).map_err(rejected_file)?,
+        Ok(Some(f)) => match &expected {
+            Some(e) => check_hash(&f, e).map_err(rejected_file)?,
+            None => f.hash,
+        },
         Ok(None) => return Err(local(&file_path, "the verifier stopped early".into())),
         Err(PipeError::Verify(e)) => return Err(rejected_file(e)),
         Err(PipeError::Local(r)) => return Err(local(&file_path, r)),
     };
-    let signed = candidate.signed_model_hash.clone();
-    tokio::task::spawn_blocking(move || {
-        staged
-            .publish(PublishInfo::verified_download(gid, hash, signed))
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| local(&PathBuf::from(&name), format!("publish task failed: {e}")))?
-    .map_err(|reason| local(run.validator_dir().as_path(), reason))
+    Ok((file_path, hash))
 }
 
 // ------------------------------------------------------------------ the streaming pipeline
