@@ -34,6 +34,7 @@ use clap::Parser;
 use miner_contract::hash::{ModelHash, ModelHasher};
 use miner_contract::layout::model_file_name;
 use miner_contract::pt::{DType, PtWriteOptions, TensorMeta, write_pt};
+use miner_contract::shard::ShardFormat;
 use miner_contract::{ExpertGroup, RunDir};
 use miner_keys::Hotkey;
 use miner_standins::{
@@ -85,7 +86,7 @@ fn group() -> Result<ExpertGroup> {
 }
 
 fn model_path(dir: &Path) -> PathBuf {
-    dir.join(model_file_name(GROUP))
+    dir.join(model_file_name(GROUP, ShardFormat::Pt))
 }
 
 fn sign_hash(key: &Hotkey, hash_hex: &str) -> String {
@@ -454,7 +455,7 @@ async fn curl_submit(ctx: &Ctx, port: u16) -> Result<(f64, f64)> {
     args.push(format!(
         "file=@{};filename={};type=application/octet-stream",
         ctx.file.display(),
-        model_file_name(GROUP)
+        model_file_name(GROUP, ShardFormat::Pt)
     ));
     args.push(format!("http://127.0.0.1:{port}/submit-checkpoint"));
     let body = ctx.dir.join("curl_submit_response.json");
@@ -508,7 +509,8 @@ async fn ours_download(ctx: &Ctx, run_no: usize) -> Result<f64> {
     .await
     .context("download_checkpoint")?;
     let secs = t.elapsed().as_secs_f64();
-    let got = std::fs::metadata(published.path.join(model_file_name(GROUP)))?.len();
+    let got =
+        std::fs::metadata(published.path.join(model_file_name(GROUP, ShardFormat::Pt)))?.len();
     ensure!(got == ctx.size, "published {got} bytes of {}", ctx.size);
     std::fs::remove_dir_all(&run_root)?;
     Ok(secs)

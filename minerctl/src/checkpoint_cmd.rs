@@ -1,12 +1,14 @@
-//! `minerctl checkpoint {hash, inspect, list}`: offline, read-only views of `.pt` files and run
-//! directories.
+//! `minerctl checkpoint {hash, inspect, list}`: offline, read-only views of model shards
+//! (`.safetensors` or `.pt`) and run directories.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use miner_contract::layout::{model_file_name, parse_model_file_name};
 use miner_contract::manifest::{MANIFEST_FILE, read_manifest};
-use miner_contract::pt::{PtLayout, PtReader};
+use miner_contract::shard::{
+    ShardFormat, ShardLayout, ShardReader, escape_name, find_shard, parse_shard_file_name,
+    shard_file_name,
+};
 use miner_contract::{EntryState, RunDir};
 use serde::Serialize;
 
@@ -27,35 +29,42 @@ fn missing(path: &Path, e: &std::io::Error) -> CliError {
     CliError::new(exit, format!("{}: {e}", path.display()))
 }
 
-/// The `.pt` file to read: `path` itself, or the single (or `--group`) model shard in a
-/// checkpoint directory.
+/// The shard file to read: `path` itself, or the single (or `--group`) model shard in a
+/// checkpoint directory (`.safetensors` when a group has both formats, as validators prefer).
 fn model_file(path: &Path, group: Option<u32>) -> Result<PathBuf, CliError> {
     let meta = std::fs::metadata(path).map_err(|e| missing(path, &e))?;
     if !meta.is_dir() {
         return Ok(path.to_path_buf());
     }
     if let Some(g) = group {
-        let file = path.join(model_file_name(g));
-        if !file.is_file() {
-            return Err(CliError::new(
+        return find_shard(path, g).map(|(p, _)| p).ok_or_else(|| {
+            CliError::new(
                 Exit::Data,
                 format!(
-                    "{}: no {} in this checkpoint directory",
+                    "{}: no {} or {} in this checkpoint directory",
                     path.display(),
-                    model_file_name(g)
+                    shard_file_name(g, ShardFormat::Safetensors),
+                    shard_file_name(g, ShardFormat::Pt)
                 ),
-            ));
-        }
-        return Ok(file);
+            )
+        });
     }
     let rd = std::fs::read_dir(path).map_err(|e| missing(path, &e))?;
     let mut shards: Vec<(u32, String)> = Vec::new();
     for dent in rd {
         let dent = dent.map_err(|e| missing(path, &e))?;
         if let Some(name) = dent.file_name().to_str()
-            && let Some(g) = parse_model_file_name(name)
+            && let Some((g, _)) = parse_shard_file_name(name)
+            && !shards.iter().any(|(have, _)| *have == g)
+            && let Some((file, _)) = find_shard(path, g)
         {
-            shards.push((g, name.to_string()));
+            shards.push((
+                g,
+                file.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(name)
+                    .to_string(),
+            ));
         }
     }
     shards.sort();
@@ -63,7 +72,7 @@ fn model_file(path: &Path, group: Option<u32>) -> Result<PathBuf, CliError> {
         [] => Err(CliError::new(
             Exit::Data,
             format!(
-                "{}: not a checkpoint directory (no model_expgroup_<gid>.pt)",
+                "{}: not a checkpoint directory (no model_expgroup_<gid>.safetensors or .pt)",
                 path.display()
             ),
         )),
@@ -86,7 +95,7 @@ fn model_file(path: &Path, group: Option<u32>) -> Result<PathBuf, CliError> {
 /// checks it against `MANIFEST.json`.
 pub fn hash(path: &Path, group: Option<u32>, out: &mut dyn Write) -> Result<(), CliError> {
     let file = model_file(path, group)?;
-    let hash = PtReader::open(&file)?.model_hash()?;
+    let hash = ShardReader::open(&file)?.model_hash()?;
     let file_name = file
         .file_name()
         .and_then(|n| n.to_str())
@@ -118,6 +127,8 @@ struct TensorRow {
 #[derive(Serialize)]
 struct InspectReport {
     file: PathBuf,
+    /// `safetensors` or `pt`.
+    format: &'static str,
     layout: &'static str,
     parameters: u64,
     model_hash: String,
@@ -132,7 +143,7 @@ pub fn inspect(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let file = model_file(path, group)?;
-    let reader = PtReader::open(&file)?;
+    let reader = ShardReader::open(&file)?;
     let hash = reader.model_hash()?;
     let tensors: Vec<TensorRow> = reader
         .entries()
@@ -149,9 +160,11 @@ pub fn inspect(
         .collect();
     let report = InspectReport {
         file: file.clone(),
+        format: reader.format().extension(),
         layout: match reader.layout() {
-            PtLayout::ModelStateDict => "model_state_dict",
-            PtLayout::PlainDict => "plain_dict",
+            ShardLayout::Flat => "flat",
+            ShardLayout::PtModelStateDict => "model_state_dict",
+            ShardLayout::PtPlainDict => "plain_dict",
         },
         parameters: reader.entries().iter().map(|t| t.numel() as u64).sum(),
         model_hash: hash.to_string(),
@@ -162,16 +175,22 @@ pub fn inspect(
             .map_err(|e| CliError::new(Exit::Other, format!("encode JSON: {e}")))?;
         return writeln!(out, "{text}").map_err(write_err);
     }
-    let w = report
+    // Names come from the file: escaped, so a hostile name cannot forge lines or colours.
+    let names: Vec<String> = report
         .tensors
         .iter()
-        .map(|t| t.name.len())
+        .map(|t| escape_name(&t.name))
+        .collect();
+    let w = names
+        .iter()
+        .map(|n| n.chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
     let mut text = format!(
-        "file        {}\nlayout      {}\ntensors     {}\nparameters  {}\nmodel_hash  {}\n\n{:<w$}  {:<8}  SHAPE\n",
+        "file        {}\nformat      {}\nlayout      {}\ntensors     {}\nparameters  {}\nmodel_hash  {}\n\n{:<w$}  {:<8}  SHAPE\n",
         report.file.display(),
+        report.format,
         report.layout,
         report.tensors.len(),
         report.parameters,
@@ -179,8 +198,8 @@ pub fn inspect(
         "NAME",
         "DTYPE",
     );
-    for t in &report.tensors {
-        text.push_str(&format!("{:<w$}  {:<8}  {:?}\n", t.name, t.dtype, t.shape));
+    for (t, name) in report.tensors.iter().zip(&names) {
+        text.push_str(&format!("{name:<w$}  {:<8}  {:?}\n", t.dtype, t.shape));
     }
     out.write_all(text.as_bytes()).map_err(write_err)
 }

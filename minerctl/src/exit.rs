@@ -95,6 +95,29 @@ impl From<PtError> for CliError {
     }
 }
 
+impl From<miner_contract::st::StError> for CliError {
+    fn from(e: miner_contract::st::StError) -> Self {
+        let exit = match &e {
+            miner_contract::st::StError::Io { source, .. } => io_exit(source.kind()),
+            _ => Exit::Data,
+        };
+        CliError::new(exit, e.to_string())
+    }
+}
+
+impl From<miner_contract::shard::ShardError> for CliError {
+    fn from(e: miner_contract::shard::ShardError) -> Self {
+        use miner_contract::shard::ShardError;
+        match e {
+            ShardError::Pt(e) => e.into(),
+            ShardError::Safetensors(e) => e.into(),
+            other @ ShardError::UnknownFormat { .. } => {
+                CliError::new(Exit::Data, other.to_string())
+            }
+        }
+    }
+}
+
 impl From<LayoutError> for CliError {
     fn from(e: LayoutError) -> Self {
         let exit = match &e {

@@ -119,7 +119,9 @@ async fn check_cycle(
     let s = subs[0].clone();
     assert_eq!(s.origin_hotkey_ss58, miner.ss58());
     assert_eq!(s.model_hex, hash);
-    let file_hash = miner_contract::hash::hash_pt_file(&s.stored_path)
+    // The trainer's default shard format reaches the validator as such (addendum A1).
+    assert_eq!(s.file_name, "model_expgroup_0.safetensors", "{s:#?}");
+    let file_hash = miner_contract::shard::hash_shard_file(&s.stored_path)
         .unwrap()
         .to_hex();
     assert_eq!(file_hash, hash, "submitted file hash == committed h");
@@ -231,13 +233,18 @@ async fn two_cycles_with_the_real_services_download_commit_submit_and_stop() {
     )
     .await;
     say(&format!("trainer published {}", first.dir_name));
-    let vfile = tmp.path().join("validator_model.pt");
+    let vfile = tmp.path().join("validator_model.safetensors");
     std::fs::copy(
-        first.path.join(miner_contract::layout::model_file_name(0)),
+        first.path.join(miner_contract::layout::model_file_name(
+            0,
+            miner_contract::shard::ShardFormat::Safetensors,
+        )),
         &vfile,
     )
     .unwrap();
-    let vhash = miner_contract::hash::hash_pt_file(&vfile).unwrap().to_hex();
+    let vhash = miner_contract::shard::hash_shard_file(&vfile)
+        .unwrap()
+        .to_hex();
 
     let chain = Arc::new(
         ChainClient::connect(&Endpoint::Url(d.ws_url()))

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use miner_contract::RunDir;
 use miner_contract::layout::{TMP_PREFIX, TRASH_PREFIX, model_file_name};
+use miner_contract::shard::ShardFormat;
 use miner_tests::*;
 
 /// Unmounts (after the services using it are gone: declare it before them).
@@ -103,9 +104,11 @@ fn intact(run: &RunDir, when: &str) -> Vec<(String, String)> {
         .map(|e| {
             assert!(e.is_verified(), "{when}: {} is {:?}", e.dir_name, e.state);
             let h = e.manifest.as_ref().unwrap().model_hash.to_hex();
-            let file = e.path.join(model_file_name(0));
+            let file = e.path.join(model_file_name(0, ShardFormat::Safetensors));
             assert_eq!(
-                miner_contract::hash::hash_pt_file(&file).unwrap().to_hex(),
+                miner_contract::shard::hash_shard_file(&file)
+                    .unwrap()
+                    .to_hex(),
                 h,
                 "{when}: {} hashes to its manifest",
                 e.dir_name

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use miner_contract::layout::model_file_name;
+use miner_contract::shard::ShardFormat;
 use miner_proto::chainsync::v1 as cpb;
 use miner_proto::trainer::v1::TrainerState;
 use miner_tests::scenario::Scene;
@@ -95,9 +96,17 @@ async fn sigterm_at_random_moments_of_a_cycle_exits_cleanly_and_the_miner_goes_o
         },
     )
     .await;
-    let vfile = s.tmp.path().join("validator_model.pt");
-    std::fs::copy(first.path.join(model_file_name(0)), &vfile).unwrap();
-    let vhash = miner_contract::hash::hash_pt_file(&vfile).unwrap().to_hex();
+    let vfile = s.tmp.path().join("validator_model.safetensors");
+    std::fs::copy(
+        first
+            .path
+            .join(model_file_name(0, ShardFormat::Safetensors)),
+        &vfile,
+    )
+    .unwrap();
+    let vhash = miner_contract::shard::hash_shard_file(&vfile)
+        .unwrap()
+        .to_hex();
     let _v_bob = s.start_validator("//Bob", &vfile).await;
     let _v_charlie = s.start_validator("//Charlie", &vfile).await;
     wait_some("chainsync's gRPC", Duration::from_secs(30), || {

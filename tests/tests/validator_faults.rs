@@ -169,7 +169,7 @@ async fn a_503_is_retried_a_wrong_hash_is_rejected_and_a_refused_submission_is_r
     assert_eq!(subs.len(), 1, "{subs:#?}");
     assert_eq!(subs[0].model_hex, own_hash);
     assert_eq!(
-        miner_contract::hash::hash_pt_file(&subs[0].stored_path)
+        miner_contract::shard::hash_shard_file(&subs[0].stored_path)
             .unwrap()
             .to_hex(),
         own_hash,

@@ -64,6 +64,10 @@ pub struct Cli {
     #[arg(long, env = "TRAINER_NICE", default_value_t = crate::TRAINING_NICE,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub training_nice: i32,
+    /// Format of the model shard in own checkpoints: `safetensors` (the live subnet's, default)
+    /// or `pt`. Overrides `ckpt.shard_format` of the config.
+    #[arg(long, env = "TRAINER_SHARD_FORMAT")]
+    pub shard_format: Option<miner_contract::shard::ShardFormat>,
 }
 
 pub use miner_service::LogFormat;
@@ -148,6 +152,9 @@ pub struct Settings {
     pub chainsync: Option<String>,
     /// `--training-nice`: the nice increment of the training threads.
     pub training_nice: i32,
+    /// Format of the model shard written into own checkpoints (`--shard-format`, else
+    /// `ckpt.shard_format`).
+    pub shard_format: miner_contract::shard::ShardFormat,
 }
 
 /// Name of the embedded default expert group (selectable in YAML as `task.expert_group_name`).
@@ -407,6 +414,7 @@ impl Settings {
             control_token: None,
             chainsync,
             training_nice: cli.training_nice,
+            shard_format: cli.shard_format.unwrap_or(cfg.ckpt.shard_format),
         })
     }
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use miner_contract::hash::ModelHash;
-use miner_contract::layout::model_file_name;
+use miner_contract::shard::{ShardFormat, find_shard, shard_file_name};
+
 use miner_contract::{CheckpointName, PinGuard};
 
 use super::{CycleCommit, Engine, JobKind, JobOutcome, JobRecord, Passed, chain_reason, now_unix};
@@ -21,6 +22,14 @@ use crate::commitment::{
 };
 use crate::phase::{PhaseInfo, PhaseName, PreviousPhases, version_window};
 use crate::transport::{Peer, Submission, download_checkpoint, submit_checkpoint};
+
+/// The model shard of group `gid` in checkpoint directory `dir`: `.safetensors` when present,
+/// else `.pt`; when neither exists, the `.safetensors` name (whose absence the caller reports).
+fn shard_path(dir: &Path, gid: u32) -> std::path::PathBuf {
+    find_shard(dir, gid)
+        .map(|(p, _)| p)
+        .unwrap_or_else(|| dir.join(shard_file_name(gid, ShardFormat::Safetensors)))
+}
 
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,11 +495,12 @@ impl Engine {
         }
     }
 
-    /// Hashes the model file of `dir` (blocking work off the runtime).
+    /// Hashes the model shard of `dir`, `.safetensors` or `.pt` (blocking work off the runtime).
     async fn hash_model(&self, dir: &Path) -> Result<ModelHash, String> {
-        let file = dir.join(model_file_name(self.s.expert_group.group_id));
+        let file = shard_path(dir, self.s.expert_group.group_id);
         let f2 = file.clone();
-        match tokio::task::spawn_blocking(move || miner_contract::hash::hash_pt_file(&f2)).await {
+        match tokio::task::spawn_blocking(move || miner_contract::shard::hash_shard_file(&f2)).await
+        {
             Ok(Ok(h)) => Ok(h),
             Ok(Err(e)) => Err(format!("hash {}: {e}", file.display())),
             Err(e) => Err(format!("hash {}: {e}", file.display())),
@@ -794,7 +804,7 @@ impl Engine {
             Ok(h) => h,
             Err(e) => return End::Failed(format!("committed hash {hex:?}: {e}")),
         };
-        let file = path.join(model_file_name(gid));
+        let file = shard_path(&path, gid);
         let sub = Submission {
             peer: Peer {
                 ip: neuron.axon_ip.clone(),

@@ -5,7 +5,8 @@
 //!
 //! Three parties per attempt: the async task receives the body and hands the pieces to a
 //! writer thread, which appends them to the staged file and tells a verifier thread how far
-//! the file is written; the verifier ([`PtFollower`]) checks the keys as soon as the tensor
+//! the file is written; the verifier ([`DownloadVerifier`]: `.safetensors` or `.pt`, told by the
+//! file's first bytes) checks the keys as soon as the tensor
 //! list is in, and hashes and checks each tensor once its bytes are on disk, so after the last
 //! byte only the rest of the last tensors remains. A refusal stops the transfer at once.
 
@@ -15,15 +16,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use miner_contract::hash::ModelHash;
-use miner_contract::layout::model_file_name;
-use miner_contract::pt::PtFollower;
+use miner_contract::shard::shard_file_name;
 use miner_contract::{ExpertGroup, PublishInfo, Published, RunDir, Staged};
 use miner_keys::Hotkey;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
-use super::verify::{GroupCheck, VerifyError, check_hash, verify_hash_signature};
+use super::verify::{DownloadVerifier, VerifyError, check_hash, sniff_file, verify_hash_signature};
 use super::{Peer, TransportError, block_message};
 use crate::commitment::{ChainCheckpoint, axon_is_served};
 
@@ -105,7 +105,11 @@ pub async fn download_checkpoint(
     let staged: Staged = run
         .stage_validator(candidate.uid, &candidate.hotkey, candidate.global_ver)
         .map_err(|e| local(run.validator_dir().as_path(), e.to_string()))?;
-    let file_path = staged.path().join(model_file_name(group.group_id));
+    // The route names no file: the shard's format (and so its name) is known once its first
+    // bytes are in; it is renamed to `model_expgroup_<gid>.<ext>` after verification.
+    let file_path = staged
+        .path()
+        .join(format!("model_expgroup_{}.download", group.group_id));
     let url = format!("{}/get-checkpoint", peer.base_url());
 
     let expected = super::verify::parse_committed_hash(&candidate.model_hash).map_err(rejected)?;
@@ -142,11 +146,14 @@ pub async fn download_checkpoint(
         }
     };
 
-    // Verified while it arrived: publish (fsyncs, manifest, rename) off the async threads.
-    // Dropping `staged` on any failure removes the directory.
+    // Verified while it arrived: name it by its format, publish (fsyncs, manifest, rename) off
+    // the async threads. Dropping `staged` on any failure removes the directory.
     let signed = candidate.signed_model_hash.clone();
     let gid = group.group_id;
     tokio::task::spawn_blocking(move || {
+        let format = sniff_file(&file_path).map_err(|e| e.to_string())?;
+        let named = file_path.with_file_name(shard_file_name(gid, format));
+        std::fs::rename(&file_path, &named).map_err(|e| format!("rename: {e}"))?;
         staged
             .publish(PublishInfo::verified_download(gid, hash, signed))
             .map_err(|e| e.to_string())
@@ -245,7 +252,7 @@ fn verify_body(
     expected: ModelHash,
     progress: &Progress,
 ) -> Result<Option<ModelHash>, VerifyError> {
-    let mut follower = PtFollower::new(path, GroupCheck::new(group))?;
+    let mut follower = DownloadVerifier::new(path, group, None)?;
     let mut seen = 0u64;
     loop {
         let w = progress.wait_beyond(seen);
@@ -253,7 +260,7 @@ fn verify_body(
             return Ok(None);
         }
         if w.complete {
-            let followed = follower.finish(w.bytes)?;
+            let (followed, _format) = follower.finish(w.bytes)?;
             tracing::debug!(
                 streamed = followed.streamed,
                 hashed_at_finish = followed.hashed_at_finish,

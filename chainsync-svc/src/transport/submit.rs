@@ -6,6 +6,7 @@ use std::path::Path;
 
 use miner_contract::hash::ModelHash;
 use miner_contract::layout::model_file_name;
+use miner_contract::shard::ShardFormat;
 use miner_keys::Hotkey;
 use reqwest::multipart::{Form, Part};
 use tokio::time::Instant;
@@ -20,7 +21,8 @@ use super::{Peer, TransportError, block_message};
 pub struct Submission<'a> {
     /// The assigned validator's axon and hotkey.
     pub peer: Peer,
-    /// The pinned `model_expgroup_<gid>.pt` (its hash must be `model_hash`).
+    /// The pinned `model_expgroup_<gid>.safetensors` or `.pt` (its hash must be `model_hash`);
+    /// sent under that name, so the validator reads it in that format.
     pub file: &'a Path,
     pub expert_group: u32,
     pub model_hash: ModelHash,
@@ -67,7 +69,10 @@ pub async fn submit_checkpoint(
         ("block_hex", hex::encode(block_bytes)),
     ];
     let url = format!("{}/submit-checkpoint", sub.peer.base_url());
-    let file_name = model_file_name(sub.expert_group);
+    // The file's own name (`model_expgroup_<gid>.safetensors` or `.pt`, whichever the
+    // checkpoint holds): the validator reads the format from it.
+    let format = ShardFormat::of_path(sub.file).unwrap_or_default();
+    let file_name = model_file_name(sub.expert_group, format);
     let mut attempts = 0u32;
     let outcome = retry(policy, deadline, |attempt, timeout| {
         attempts = attempt;

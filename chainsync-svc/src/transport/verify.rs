@@ -1,12 +1,19 @@
-//! Validation of a downloaded validator checkpoint (spec §7.7): every tensor is read once,
-//! checked (routed expert of our group, finite) and fed to the model hasher in sorted-name
-//! order, by a [`PtFollower`] that can run while the file is still arriving.
+//! Validation of a downloaded validator checkpoint (spec §7.7, addendum A1): every tensor is
+//! read once, checked (routed expert of our group, a dtype the model uses, finite) and fed to
+//! the model hasher in sorted-name order, by a [`ShardFollower`] that can run while the file is
+//! still arriving. The shard may be `.safetensors` or `.pt`: the follower is chosen by the file
+//! name, or, for a transfer that names no file (`GET /get-checkpoint`), by the file's first bytes
+//! ([`DownloadVerifier`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use miner_contract::ExpertGroup;
 use miner_contract::hash::ModelHash;
-use miner_contract::pt::{DType, FollowCheck, Followed, PtError, PtFollower, PtLayout, TensorMeta};
+use miner_contract::pt::{DType, Followed, PtError, TensorMeta};
+use miner_contract::shard::{
+    ExpectationError, ShardCheck, ShardError, ShardExpectation, ShardFollower, ShardFormat,
+    ShardLayout, escape_name,
+};
 
 /// Why a checkpoint is refused.
 #[derive(Debug, thiserror::Error)]
@@ -17,18 +24,35 @@ pub enum VerifyError {
     BadCommittedHash(String),
     #[error("file hash {actual} differs from the committed hash {expected}")]
     HashMismatch { expected: String, actual: String },
-    #[error("tensor {name} is not a routed expert of expert group {group}")]
+    #[error("tensor {} is not a routed expert of expert group {group}", escape_name(.name))]
     ForeignKey { name: String, group: u32 },
-    #[error("tensor {name} holds NaN or infinite values")]
+    #[error("tensor {} holds NaN or infinite values", escape_name(.name))]
     NonFinite { name: String },
     #[error("the checkpoint holds no tensors")]
     Empty,
-    #[error("the checkpoint is not wrapped in {{\"model_state_dict\": ...}}")]
-    NotModelStateDict,
+    /// A dtype or shape the expert group's shard cannot have.
+    #[error(transparent)]
+    Unexpected(ExpectationError),
     #[error("committed expert group {committed} is not ours ({ours})")]
     WrongGroup { committed: u32, ours: u32 },
     #[error(transparent)]
-    File(#[from] PtError),
+    File(#[from] ShardError),
+}
+
+impl From<PtError> for VerifyError {
+    fn from(e: PtError) -> Self {
+        VerifyError::File(ShardError::Pt(e))
+    }
+}
+
+impl From<ExpectationError> for VerifyError {
+    fn from(e: ExpectationError) -> Self {
+        match e {
+            ExpectationError::Empty => VerifyError::Empty,
+            ExpectationError::ForeignKey { name, group } => VerifyError::ForeignKey { name, group },
+            other => VerifyError::Unexpected(other),
+        }
+    }
 }
 
 /// Verifies the validator's signature (base64url, no padding) over the ASCII hex hash.
@@ -77,36 +101,34 @@ fn all_finite(dtype: DType, data: &[u8]) -> bool {
     }
 }
 
-/// The checks of §7.7 that look at the file's content: `{"model_state_dict"}` layout, at least
-/// one tensor, every key a routed expert of the group (all before any data), all values finite.
+/// The checks of §7.7 that look at the file's content: at least one tensor, every key a routed
+/// expert of the group in a dtype the model uses (all before any data), all values finite. Both
+/// `.pt` layouts are accepted (readers unwrap `model_state_dict` "when present", addendum A1),
+/// as is the flat `.safetensors` map.
 pub struct GroupCheck {
-    group: ExpertGroup,
+    expect: ShardExpectation,
 }
 
 impl GroupCheck {
     pub fn new(group: ExpertGroup) -> Self {
-        GroupCheck { group }
+        GroupCheck {
+            expect: ShardExpectation::new(group),
+        }
+    }
+
+    /// The largest safetensors header a shard of this group can need.
+    pub fn max_header(&self) -> u64 {
+        self.expect.max_header()
     }
 }
 
-impl FollowCheck for GroupCheck {
+impl ShardCheck for GroupCheck {
     type Error = VerifyError;
 
-    fn entries(&mut self, layout: PtLayout, entries: &[TensorMeta]) -> Result<(), VerifyError> {
-        if layout != PtLayout::ModelStateDict {
-            return Err(VerifyError::NotModelStateDict);
-        }
-        if entries.is_empty() {
-            return Err(VerifyError::Empty);
-        }
-        // Key check first: it needs no tensor data, so a foreign file is refused cheaply.
-        if let Some(m) = entries.iter().find(|m| !self.group.is_group_key(&m.name)) {
-            return Err(VerifyError::ForeignKey {
-                name: m.name.clone(),
-                group: self.group.group_id,
-            });
-        }
-        Ok(())
+    fn entries(&mut self, _layout: ShardLayout, entries: &[TensorMeta]) -> Result<(), VerifyError> {
+        // Key, dtype (and shape, when known) checks first: they need no tensor data, so a
+        // foreign file is refused cheaply.
+        Ok(self.expect.check_entries(entries)?)
     }
 
     fn data(&mut self, meta: &TensorMeta, le_bytes: &[u8]) -> Result<(), VerifyError> {
@@ -118,6 +140,106 @@ impl FollowCheck for GroupCheck {
             })
         }
     }
+}
+
+/// Verifies a downloaded shard while it is written, with a [`GroupCheck`]: in `format` when the
+/// transfer names the file, else in the format its first bytes show (`GET /get-checkpoint`
+/// serves a file without a name). Same `advance(written)` / `finish(len)` shape as the
+/// followers it wraps.
+pub struct DownloadVerifier {
+    path: PathBuf,
+    group: Option<ExpertGroup>,
+    follower: Option<ShardFollower<GroupCheck>>,
+}
+
+impl DownloadVerifier {
+    /// Starts verifying `path` (which must exist); `format` `None`: sniffed from the content.
+    pub fn new(
+        path: &Path,
+        group: ExpertGroup,
+        format: Option<ShardFormat>,
+    ) -> Result<Self, VerifyError> {
+        let mut v = DownloadVerifier {
+            path: path.to_path_buf(),
+            group: Some(group),
+            follower: None,
+        };
+        if let Some(f) = format {
+            v.start(f)?;
+        }
+        Ok(v)
+    }
+
+    fn start(&mut self, format: ShardFormat) -> Result<(), VerifyError> {
+        if let Some(group) = self.group.take() {
+            let check = GroupCheck::new(group);
+            let max = check.max_header();
+            let f = ShardFollower::with_format(&self.path, format, check)?.with_max_header(max);
+            self.follower = Some(f);
+        }
+        Ok(())
+    }
+
+    /// The format being verified (`None` until the first bytes are in, for a sniffed file).
+    pub fn format(&self) -> Option<ShardFormat> {
+        self.follower.as_ref().map(ShardFollower::format)
+    }
+
+    /// The first `written` bytes of the file are in place.
+    pub fn advance(&mut self, written: u64) -> Result<(), VerifyError> {
+        if self.follower.is_none() {
+            let mut prefix = [0u8; 9];
+            let n = (written as usize).min(prefix.len());
+            read_prefix(&self.path, &mut prefix[..n])?;
+            match ShardFormat::sniff(&prefix[..n]) {
+                Some(f) => self.start(f)?,
+                // A file that is neither tells once its first 9 bytes are in: read it as
+                // safetensors, whose header check names what is wrong.
+                None if n == prefix.len() => self.start(ShardFormat::Safetensors)?,
+                None => return Ok(()),
+            }
+        }
+        match self.follower.as_mut() {
+            Some(f) => f.advance(written),
+            None => Ok(()),
+        }
+    }
+
+    /// The whole file is written (`len` bytes): the hash and whether it streamed.
+    pub fn finish(mut self, len: u64) -> Result<(Followed, ShardFormat), VerifyError> {
+        self.advance(len)?;
+        if self.follower.is_none() {
+            // Under 9 bytes and no `PK` signature: the safetensors reader says why it is bad.
+            self.start(ShardFormat::Safetensors)?;
+        }
+        let f = self.follower.take().ok_or(VerifyError::Empty)?;
+        let format = f.format();
+        Ok((f.finish(len)?, format))
+    }
+}
+
+/// The format of a complete shard file, from its first bytes.
+pub fn sniff_file(path: &Path) -> Result<ShardFormat, VerifyError> {
+    let mut prefix = [0u8; 9];
+    read_prefix(path, &mut prefix)?;
+    ShardFormat::sniff(&prefix).ok_or_else(|| {
+        VerifyError::File(ShardError::UnknownFormat {
+            path: path.to_path_buf(),
+        })
+    })
+}
+
+fn read_prefix(path: &Path, buf: &mut [u8]) -> Result<(), VerifyError> {
+    use std::os::unix::fs::FileExt;
+    let io = |e: std::io::Error| {
+        VerifyError::from(PtError::Io {
+            path: path.to_path_buf(),
+            op: "read".into(),
+            source: e,
+        })
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    f.read_exact_at(buf, 0).map_err(io)
 }
 
 /// The committed hash as a [`ModelHash`].
@@ -138,9 +260,9 @@ pub fn check_hash(followed: &Followed, expected: &ModelHash) -> Result<ModelHash
     Ok(followed.hash)
 }
 
-/// Checks a whole `model_expgroup_<gid>.pt` file against the committed hash ([`GroupCheck`],
-/// then the model hash (§7.5) equal to `expected_hex`). Returns the hash. A download runs the
-/// same checks while the file arrives (see [`super::download`]).
+/// Checks a whole `model_expgroup_<gid>.safetensors` or `.pt` file (format by name) against the
+/// committed hash ([`GroupCheck`], then the model hash (§7.5) equal to `expected_hex`). Returns
+/// the hash. A download runs the same checks while the file arrives (see [`super::download`]).
 pub fn verify_checkpoint_file(
     path: &Path,
     expected_hex: &str,
@@ -154,8 +276,11 @@ pub fn verify_checkpoint_file(
             source: e,
         })?
         .len();
-    let follower = PtFollower::new(path, GroupCheck::new(group.clone()))?;
-    check_hash(&follower.finish(len)?, &expected)
+    let format = ShardFormat::of_path(path).ok_or_else(|| ShardError::UnknownFormat {
+        path: path.to_path_buf(),
+    })?;
+    let verifier = DownloadVerifier::new(path, group.clone(), Some(format))?;
+    check_hash(&verifier.finish(len)?.0, &expected)
 }
 
 #[cfg(test)]

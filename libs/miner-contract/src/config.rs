@@ -167,6 +167,12 @@ pub struct CkptCfg {
     /// The reference's shared folder, written for compatibility only (see module docs).
     pub validator_checkpoint_path: String,
     pub download_concurrency: u32,
+    /// The format of the model shard the trainer writes: `safetensors` (the live subnet's since
+    /// May 2026, addendum A1) or `pt`. Not in the reference's schema (it always writes
+    /// safetensors now); readers accept both whatever this says. Written only when not the
+    /// default, so a default config stays the reference's file.
+    #[serde(skip_serializing_if = "crate::shard::ShardFormat::is_default")]
+    pub shard_format: crate::shard::ShardFormat,
 }
 defaults!(CkptCfg {
     resume_from_ckpt: true,
@@ -178,6 +184,7 @@ defaults!(CkptCfg {
     checkpoint_topk: 2usize,
     validator_checkpoint_path: "checkpoints/miner/validator_checkpoint",
     download_concurrency: 4u32,
+    shard_format: crate::shard::ShardFormat::Safetensors,
 });
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

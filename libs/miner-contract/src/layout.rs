@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, Manifest, ManifestProblem};
 use crate::pins::{self, PinRecord};
+use crate::shard::ShardFormat;
 
 /// The run directory's configuration file.
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -30,21 +31,15 @@ pub const TMP_PREFIX: &str = ".tmp_";
 /// Prefix of a directory being deleted (`.trash_<name>.<writer>`).
 pub const TRASH_PREFIX: &str = ".trash_";
 
-/// The file name of the model shard of expert group `group_id` (the file that is hashed,
-/// signed and submitted).
-pub fn model_file_name(group_id: u32) -> String {
-    format!("model_expgroup_{group_id}.pt")
+/// The file name of the model shard of expert group `group_id` in `format`
+/// (`model_expgroup_<gid>.safetensors` or `.pt`): the file that is hashed, signed and submitted.
+pub fn model_file_name(group_id: u32, format: ShardFormat) -> String {
+    crate::shard::shard_file_name(group_id, format)
 }
 
-/// The group id of a `model_expgroup_<gid>.pt` file name.
+/// The group id of a `model_expgroup_<gid>.safetensors` or `model_expgroup_<gid>.pt` file name.
 pub fn parse_model_file_name(file_name: &str) -> Option<u32> {
-    let gid = file_name
-        .strip_prefix("model_expgroup_")?
-        .strip_suffix(".pt")?;
-    if gid.is_empty() || !gid.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    gid.parse().ok()
+    crate::shard::parse_shard_file_name(file_name).map(|(gid, _)| gid)
 }
 
 /// One value of a `key_value_key_value` file name: an integer when it parses as one.
@@ -284,11 +279,20 @@ impl CheckpointEntry {
         !self.pinned_by.is_empty()
     }
 
-    /// The model shard this checkpoint carries (from the manifest).
+    /// The model shard this checkpoint carries (the manifest's `model_file`: `.safetensors` or
+    /// `.pt`, whichever the writer or the download produced).
     pub fn model_path(&self) -> Option<PathBuf> {
         self.manifest
             .as_ref()
-            .map(|m| self.path.join(model_file_name(m.expert_group)))
+            .map(|m| self.path.join(&m.model_file))
+    }
+
+    /// The format of the model shard this checkpoint carries.
+    pub fn model_format(&self) -> Option<ShardFormat> {
+        self.manifest
+            .as_ref()
+            .and_then(|m| crate::shard::parse_shard_file_name(&m.model_file))
+            .map(|(_, f)| f)
     }
 }
 
@@ -569,8 +573,18 @@ mod tests {
 
     #[test]
     fn model_file_names() {
-        assert_eq!(model_file_name(0), "model_expgroup_0.pt");
+        assert_eq!(model_file_name(0, ShardFormat::Pt), "model_expgroup_0.pt");
+        assert_eq!(
+            model_file_name(3, ShardFormat::Safetensors),
+            "model_expgroup_3.safetensors"
+        );
         assert_eq!(parse_model_file_name("model_expgroup_12.pt"), Some(12));
+        assert_eq!(
+            parse_model_file_name("model_expgroup_12.safetensors"),
+            Some(12)
+        );
+        assert_eq!(parse_model_file_name("model_expgroup_12.bin"), None);
+        assert_eq!(parse_model_file_name("model_expgroup_1.2.pt"), None);
         assert_eq!(parse_model_file_name("model_shared.pt"), None);
         assert_eq!(parse_model_file_name("model_expgroup_.pt"), None);
     }

@@ -11,6 +11,8 @@ pub mod pins;
 pub mod pt;
 pub mod publish;
 pub mod retention;
+pub mod shard;
+pub mod st;
 
 pub use config::{ConfigError, MinerConfig};
 pub use expert_group::{DataCfg, ExpertGroup, ExpertGroupError};

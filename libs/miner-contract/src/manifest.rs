@@ -12,7 +12,7 @@ use std::path::{Component, Path};
 use serde::{Deserialize, Serialize};
 
 use crate::hash::ModelHash;
-use crate::layout::{CheckpointKind, CheckpointName, model_file_name};
+use crate::layout::{CheckpointKind, CheckpointName};
 
 /// The manifest's file name inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
@@ -31,7 +31,8 @@ pub struct Manifest {
     pub inner_opt: u64,
     /// The expert group of the model shard.
     pub expert_group: u32,
-    /// `model_expgroup_<expert_group>.pt`.
+    /// `model_expgroup_<expert_group>.safetensors` or `model_expgroup_<expert_group>.pt` (the
+    /// `.safetensors` one when the directory holds both).
     pub model_file: String,
     /// Model hash (spec §7.5) of `model_file`, computed while writing it (own) or verified
     /// against the validator's chain commitment (validator).
@@ -123,7 +124,7 @@ pub fn check_dir(dir: &Path, dir_name: &str) -> Result<Manifest, ManifestProblem
             "manifest kind/version disagree with the directory name".into(),
         ));
     }
-    if m.model_file != model_file_name(m.expert_group) {
+    if crate::shard::parse_shard_file_name(&m.model_file).map(|(g, _)| g) != Some(m.expert_group) {
         return Err(bad(format!(
             "model file {:?} does not match expert group {}",
             m.model_file, m.expert_group

@@ -23,7 +23,8 @@ use crate::manifest::{
     self, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, ManifestFile, ValidatorSource,
 };
 use crate::pins::{ProcessIdentity, now_unix_ms};
-use crate::pt::{PtError, PtWriteOptions, Tensor, TensorMeta};
+use crate::pt::{PtWriteOptions, Tensor, TensorMeta};
+use crate::shard::{ShardError, ShardFormat};
 
 /// Errors staging or publishing a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +54,7 @@ pub enum PublishError {
     Codec {
         path: PathBuf,
         #[source]
-        source: PtError,
+        source: ShardError,
     },
     #[error("checkpoint {path} is already published and is never modified in place")]
     AlreadyPublished { path: PathBuf },
@@ -417,11 +418,13 @@ impl Staged {
         result
     }
 
-    fn codec_err(&self, path: &Path, e: PtError) -> PublishError {
+    fn codec_err(&self, path: &Path, e: impl Into<ShardError>) -> PublishError {
+        let e: ShardError = e.into();
         let _ = std::fs::remove_file(path);
         if is_disk_full(&e) {
             let source = match e {
-                PtError::Io { source, .. } => source,
+                ShardError::Pt(crate::pt::PtError::Io { source, .. })
+                | ShardError::Safetensors(crate::st::StError::Io { source, .. }) => source,
                 other => io::Error::other(other.to_string()),
             };
             PublishError::DiskFull {
@@ -436,19 +439,21 @@ impl Staged {
         }
     }
 
-    /// Streams `model_expgroup_<group_id>.pt` (tensors written in sorted order; `fill` writes
-    /// each tensor's little-endian bytes) and returns its model hash, computed in the same pass.
+    /// Streams `model_expgroup_<group_id>.<ext>` in `format` (tensors written in sorted order;
+    /// `fill` writes each tensor's little-endian bytes) and returns its model hash, computed in
+    /// the same pass.
     pub fn write_model<F>(
         &self,
         group_id: u32,
+        format: ShardFormat,
         tensors: Vec<TensorMeta>,
         fill: F,
     ) -> Result<ModelHash, PublishError>
     where
         F: FnMut(&TensorMeta, &mut dyn Write) -> io::Result<()>,
     {
-        let path = self.file_path(&model_file_name(group_id))?;
-        crate::pt::write_pt(&path, tensors, &PtWriteOptions::default(), fill)
+        let path = self.file_path(&model_file_name(group_id, format))?;
+        crate::shard::write_shard(&path, format, tensors, fill)
             .map_err(|e| self.codec_err(&path, e))
     }
 
@@ -463,13 +468,26 @@ impl Staged {
             .map_err(|e| self.codec_err(&path, e))
     }
 
-    /// Writes `model_expgroup_<group_id>.pt` from in-memory tensors and returns its hash.
+    /// Writes the model shard from in-memory tensors in the default format
+    /// (`model_expgroup_<group_id>.safetensors`) and returns its hash.
     pub fn write_model_tensors(
         &self,
         group_id: u32,
         tensors: &BTreeMap<String, Tensor>,
     ) -> Result<ModelHash, PublishError> {
-        self.write_pt_tensors(&model_file_name(group_id), tensors)
+        self.write_model_tensors_as(group_id, ShardFormat::default(), tensors)
+    }
+
+    /// Writes the model shard from in-memory tensors in `format` and returns its hash.
+    pub fn write_model_tensors_as(
+        &self,
+        group_id: u32,
+        format: ShardFormat,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<ModelHash, PublishError> {
+        let path = self.file_path(&model_file_name(group_id, format))?;
+        crate::shard::write_shard_tensors(&path, format, tensors)
+            .map_err(|e| self.codec_err(&path, e))
     }
 
     /// Makes the checkpoint visible: fsyncs every file, writes `MANIFEST.json` last, fsyncs,
@@ -482,16 +500,24 @@ impl Staged {
                 requested: info.kind(),
             });
         }
-        let model_file = model_file_name(info.expert_group);
         let mut files = Vec::new();
         collect_and_sync(&self.tmp, "", &mut files)?;
         files.sort();
-        if !files.iter().any(|f| f.path == model_file) {
+        // The shard in whichever format was written; `.safetensors` first when both are.
+        let Some(model_file) = ShardFormat::PREFERENCE
+            .into_iter()
+            .map(|f| model_file_name(info.expert_group, f))
+            .find(|name| files.iter().any(|f| &f.path == name))
+        else {
             return Err(PublishError::MissingModelFile {
                 path: self.final_path.clone(),
-                file: model_file,
+                file: format!(
+                    "{} (or {})",
+                    model_file_name(info.expert_group, ShardFormat::Safetensors),
+                    model_file_name(info.expert_group, ShardFormat::Pt)
+                ),
             });
-        }
+        };
         let validator = match (&self.name, info.verified_signature) {
             (CheckpointName::Validator { uid, hotkey, .. }, Some(signature)) => {
                 Some(ValidatorSource {

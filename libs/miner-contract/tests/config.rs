@@ -216,3 +216,31 @@ fn errors_name_the_file_and_the_field() {
     assert!(matches!(err, ConfigError::Missing { .. }), "{err}");
     assert!(err.to_string().contains("config.yaml"), "{err}");
 }
+
+#[test]
+fn shard_format_defaults_to_safetensors_and_pt_round_trips() {
+    use miner_contract::shard::ShardFormat;
+    let cfg = MinerConfig::from_yaml_str(REFERENCE_SAMPLE, Path::new("c.yaml")).unwrap();
+    assert_eq!(cfg.ckpt.shard_format, ShardFormat::Safetensors);
+
+    let text = REFERENCE_SAMPLE.replace(
+        "  download_concurrency: 4\n",
+        "  download_concurrency: 4\n  shard_format: pt\n",
+    );
+    let cfg = MinerConfig::from_yaml_str(&text, Path::new("c.yaml")).unwrap();
+    assert_eq!(cfg.ckpt.shard_format, ShardFormat::Pt);
+    // A non-default format is written, and read back.
+    let written = cfg.to_yaml_string();
+    assert!(written.contains("shard_format: pt"), "{written}");
+    let again = MinerConfig::from_yaml_str(&written, Path::new("c.yaml")).unwrap();
+    assert_eq!(again.ckpt.shard_format, ShardFormat::Pt);
+
+    let bad = REFERENCE_SAMPLE.replace(
+        "  download_concurrency: 4\n",
+        "  download_concurrency: 4\n  shard_format: npz\n",
+    );
+    let err = MinerConfig::from_yaml_str(&bad, Path::new("c.yaml")).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("ckpt.shard_format"), "{msg}");
+    assert!(msg.contains("safetensors") && msg.contains("pt"), "{msg}");
+}

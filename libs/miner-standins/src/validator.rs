@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use miner_contract::ExpertGroup;
 use miner_contract::hash::ModelHasher;
-use miner_contract::pt::PtReader;
+use miner_contract::shard::{ShardFormat, ShardReader, escape_name};
 use miner_keys::Hotkey;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -433,7 +433,10 @@ fn already_submitted(dir: &Path, origin: &str, start: u64, end: u64) -> bool {
     rd.flatten().any(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
         name.strip_prefix(&prefix)
-            .and_then(|r| r.strip_suffix(".pt"))
+            .and_then(|r| {
+                r.strip_suffix(".pt")
+                    .or_else(|| r.strip_suffix(".safetensors"))
+            })
             .and_then(|b| b.parse::<u64>().ok())
             .is_some_and(|b| start <= b && b <= end)
     })
@@ -572,10 +575,14 @@ async fn submit_checkpoint(State(sh): State<Arc<Shared>>, mut mp: Multipart) -> 
     );
     let origin_block: u64 = get("origin_block").parse().unwrap_or(0);
     let validator_block = (sh.cfg.block)();
+    // Stored under the uploaded file's format (addendum A1: `.safetensors` or `.pt`).
+    let ext = ShardFormat::of_path(Path::new(&upload.file_name))
+        .unwrap_or(ShardFormat::Pt)
+        .extension();
     let stored = sh
         .cfg
         .submission_dir
-        .join(format!("hotkey_{origin}_block_{validator_block}.pt"));
+        .join(format!("hotkey_{origin}_block_{validator_block}.{ext}"));
     if let Err(e) = tokio::fs::rename(&upload.tmp, &stored).await {
         return status(500, &format!("rename: {e}"));
     }
@@ -642,7 +649,7 @@ fn verify_submission(
     if !miner_keys::verify(&origin_pub, chain.model_hash.as_bytes(), &chain_sig) {
         return Err("chain signature over h does not verify".into());
     }
-    let reader = PtReader::open(path).map_err(|e| e.to_string())?;
+    let reader = ShardReader::open(path).map_err(|e| e.to_string())?;
     let mut hasher = ModelHasher::new();
     for meta in reader.entries() {
         if let Some(g) = group
@@ -650,7 +657,8 @@ fn verify_submission(
         {
             return Err(format!(
                 "tensor {} is not a routed expert of group {}",
-                meta.name, g.group_id
+                escape_name(&meta.name),
+                g.group_id
             ));
         }
         let t = reader.read(&meta.name).map_err(|e| e.to_string())?;

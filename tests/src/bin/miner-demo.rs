@@ -82,9 +82,9 @@ async fn main() -> anyhow::Result<()> {
     let group = ExpertGroup::load_dir(&run_dir.join("embedded"))?;
     let chain = Arc::new(ChainClient::connect(&Endpoint::Url(devnet.ws_url())).await?);
 
-    // Validators: serve `baseline.pt` (replaced atomically each cycle), check submissions
-    // against the miner's commitments on chain.
-    let serve = work.join("baseline.pt");
+    // Validators: serve `baseline.shard` (the miner's newest shard, `.safetensors` or `.pt`,
+    // replaced atomically each cycle), check submissions against the miner's commitments on chain.
+    let serve = work.join("baseline.shard");
     let lookup = chain_lookup(chain.clone(), head.clone(), sched.clone());
     let mut validators = Vec::new();
     for (uri, key) in [("//Bob", &bob), ("//Charlie", &charlie)] {
@@ -164,11 +164,13 @@ async fn main() -> anyhow::Result<()> {
                 && committed.as_ref().is_none_or(|(c, _)| *c != k)
                 && let Some(best) = run.best_own().ok().flatten()
             {
-                let src = best.path.join(miner_contract::layout::model_file_name(0));
+                let src = best
+                    .model_path()
+                    .context("best checkpoint has a manifest")?;
                 let tmp = work.join(".baseline.tmp");
                 if std::fs::copy(&src, &tmp).is_ok() {
+                    let hash = miner_contract::shard::hash_shard_file(&src)?.to_hex();
                     std::fs::rename(&tmp, &serve)?;
-                    let hash = miner_contract::hash::hash_pt_file(&serve)?.to_hex();
                     let mb = format!(r#"{{"m":"{}"}}"#, sign_hex(&bob, &hash));
                     let mc = format!(r#"{{"m":"{}"}}"#, sign_hex(&charlie, &hash));
                     let (r1, r2) = tokio::join!(

@@ -1,4 +1,5 @@
-//! Own checkpoints through the contract (spec §7.2): `model_expgroup_<gid>.pt` (save dtype),
+//! Own checkpoints through the contract (spec §7.2, addendum A1): the model shard
+//! `model_expgroup_<gid>.safetensors` (or `.pt` with `ckpt.shard_format: pt`; save dtype),
 //! `model_shared.pt` (frozen tensors in their compute dtype), plus this trainer's private resume files: `inner_optimizer.pt` (AdamW
 //! moments, fp32, a plain dict) and `trainer_state.json` ([`TrainerStateFile`]).
 
@@ -10,6 +11,7 @@ use anyhow::Context;
 use miner_contract::layout::{CheckpointEntry, RunDir};
 use miner_contract::pt::{self, DType, PtWriteOptions, TensorMeta};
 use miner_contract::publish::PublishInfo;
+use miner_contract::shard::{self, ShardFormat};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -153,6 +155,7 @@ pub fn publish_own(
     opt: &AdamW,
     state: &TrainerStateFile,
     save_kind: Kind,
+    shard_format: ShardFormat,
 ) -> anyhow::Result<PublishedCheckpoint> {
     let staged = run.stage_own(global_ver, inner_opt)?;
     let experts = model.expert_tensors();
@@ -165,7 +168,7 @@ pub fn publish_own(
     }
     staged.ensure_free_space(bytes * 3)?;
     let by_name: BTreeMap<&str, &Tensor> = experts.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let hash = staged.write_model(group_id, metas, |meta, w: &mut dyn Write| {
+    let hash = staged.write_model(group_id, shard_format, metas, |meta, w: &mut dyn Write| {
         let t = by_name
             .get(meta.name.as_str())
             .ok_or_else(|| std::io::Error::other("tensor vanished"))?;
@@ -201,7 +204,8 @@ pub fn publish_own(
     })
 }
 
-/// Loads a checkpoint's model weights: its `model_expgroup_<gid>.pt` and, if present, `model_shared.pt`.
+/// Loads a checkpoint's model weights: its model shard (`model_expgroup_<gid>.safetensors` or
+/// `.pt`, whichever the manifest names) and, if present, `model_shared.pt`.
 pub fn load_weights(
     e: &CheckpointEntry,
     model: &mut PartialModel,
@@ -211,7 +215,7 @@ pub fn load_weights(
         .model_path()
         .with_context(|| format!("checkpoint {} has no manifest", e.dir_name))?;
     let experts = from_pt(
-        pt::read_pt(&model_path).with_context(|| format!("read {}", model_path.display()))?,
+        shard::read_shard(&model_path).with_context(|| format!("read {}", model_path.display()))?,
     )?;
     let report = model
         .load_named(experts)

@@ -613,6 +613,7 @@ impl Trainer {
             &self.opt,
             &state,
             save_kind(&self.s),
+            self.s.shard_format,
         )?;
         tracing::info!(
             group_id = self.s.expert_group_id,
