@@ -192,6 +192,9 @@ pub struct Settings {
     pub policies: crate::jobs::Policies,
     /// The Hub transport's settings; `None` with `--transport http`.
     pub hub: Option<crate::hub::HubSettings>,
+    /// Which validator axon addresses may be connected to: global unicast only, unless the
+    /// chain is reached on loopback or a private address (a devnet).
+    pub peer_addresses: crate::transport::PeerAddresses,
 }
 
 impl std::fmt::Debug for Settings {
@@ -270,6 +273,9 @@ impl Settings {
         // The daemon always has a token (from the run directory), so only TLS is in question.
         miner_service::check_listen(cli.listen, tls.is_some(), true)
             .map_err(|e| bad("--listen", e.to_string()))?;
+        // The metrics address follows the same policy (it serves plain HTTP without a token).
+        miner_service::check_listen(cli.metrics_listen, tls.is_some(), true)
+            .map_err(|e| bad("--metrics-listen", e.to_string()))?;
         let (file, run_dir) = resolve_path(&cli.path);
         let (config, _) = MinerConfig::load(&file).map_err(|e| bad("--path", e.to_string()))?;
         let network = cli
@@ -372,7 +378,6 @@ impl Settings {
             run_dir,
             netuid: config.chain.netuid,
             hotkey: Arc::new(hotkey),
-            endpoint,
             phase_source: cli.phase_source,
             owner_url,
             schedule,
@@ -385,6 +390,8 @@ impl Settings {
             max_miners_per_validator: Some(5),
             policies,
             hub,
+            peer_addresses: crate::transport::PeerAddresses::for_chain_url(endpoint.url()),
+            endpoint,
             config,
         })
     }

@@ -1,10 +1,10 @@
 //! Prometheus text exposition (spec §9.1 names plus `chainsync_*` job counters), served over
-//! plain HTTP/1.1 on `--metrics-listen` (any path answers with the metrics).
+//! plain HTTP/1.1 on `--metrics-listen` (any path answers with the metrics) by
+//! [`miner_service::serve_metrics`].
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -121,52 +121,18 @@ impl Metrics {
     }
 }
 
-/// Serves the metrics until `shutdown`.
+/// Serves the metrics until `shutdown` (bounded: see [`miner_service::metrics_http`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: std::sync::Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept");
-                    continue;
-                }
-            },
-        };
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut got = 0;
-            // Read the request head (best effort, bounded).
-            while got < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf[got..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => {
-                        got += n;
-                        if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                }
-            }
-            let body = m.render();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
+    miner_service::serve_metrics(
+        "chainsync-svc",
+        listener,
+        miner_service::MetricsLimits::default(),
+        move || metrics.render(),
+        shutdown,
+    )
+    .await
 }

@@ -395,19 +395,22 @@ async fn request_for_another_validator_is_refused_by_the_server() {
     assert_nothing_left(&s);
 }
 
-/// A shard whose first tensor (in sorted order) is followed by `extra_mib` MiB of finite data,
-/// so a stall placed after the first MiB leaves most of the file unsent.
+/// A shard whose `gate_up_proj` tensors together hold `extra_mib` MiB of finite data (each
+/// within a routed expert's largest shape, `[2816, 2048]`), so a stall placed after the first
+/// MiB leaves most of the file unsent.
 fn big_tensors(seed: u16, extra_mib: usize) -> BTreeMap<String, Tensor> {
     let mut t = expert_tensors(seed);
-    let big = Tensor {
-        dtype: DType::F16,
-        shape: vec![extra_mib * 512, 1024],
-        data: (0..extra_mib * 512 * 1024)
-            .flat_map(|i| (0x3000u16 | (i as u16 & 0x3FF)).to_le_bytes())
-            .collect(),
-    };
-    // Sorts after every other key of layer 1 (org ids 17, 22, 44).
-    t.insert("model.layers.1.mlp.experts.44.gate_up_proj".into(), big);
+    let rows = extra_mib * 512 / 3;
+    for e in [17, 22, 44] {
+        let big = Tensor {
+            dtype: DType::F16,
+            shape: vec![rows, 1024],
+            data: (0..rows * 1024)
+                .flat_map(|i| (0x3000u16 | ((i + e) as u16 & 0x3FF)).to_le_bytes())
+                .collect(),
+        };
+        t.insert(format!("model.layers.1.mlp.experts.{e}.gate_up_proj"), big);
+    }
     t
 }
 

@@ -1,7 +1,7 @@
 //! Prometheus text exposition (spec §9.1) of the latest [`StatusSnapshot`], served over plain
-//! HTTP/1.1 on `--metrics-listen` (any path answers with the metrics).
+//! HTTP/1.1 on `--metrics-listen` (any path answers with the metrics) by
+//! [`miner_service::serve_metrics`].
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -158,45 +158,19 @@ pub fn render(s: &StatusSnapshot) -> String {
     out
 }
 
-/// Serves the metrics until `shutdown` is cancelled.
+/// Serves the metrics until `shutdown` is cancelled (bounded: see
+/// [`miner_service::metrics_http`]).
 pub async fn serve(
     listener: TcpListener,
     status: watch::Receiver<StatusSnapshot>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let conn = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = listener.accept() => c,
-        };
-        let Ok((mut sock, _)) = conn else { continue };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut got = 0;
-            // Read the request head (ignored beyond that) with a short deadline.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while got < buf.len() {
-                    match sock.read(&mut buf[got..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            got += n;
-                            if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-            })
-            .await;
-            let body = render(&status.borrow());
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
+    miner_service::serve_metrics(
+        "trainer-svc",
+        listener,
+        miner_service::MetricsLimits::default(),
+        move || render(&status.borrow()),
+        shutdown,
+    )
+    .await
 }

@@ -262,6 +262,9 @@ impl Settings {
         // The binary always has a token (from the run directory), so only TLS is in question.
         miner_service::check_listen(cli.listen, tls.is_some(), true)
             .map_err(|e| bad("--listen", e.to_string()))?;
+        // The metrics address follows the same policy (it serves plain HTTP without a token).
+        miner_service::check_listen(cli.metrics_listen, tls.is_some(), true)
+            .map_err(|e| bad("--metrics-listen", e.to_string()))?;
         let chainsync = match &cli.chainsync {
             Some(a) => Some(
                 crate::phase_watch::parse_chainsync_addr(a).map_err(|e| bad("--chainsync", e))?,

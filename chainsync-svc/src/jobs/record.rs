@@ -2,6 +2,12 @@
 //! line, `O_APPEND` + fsync), so the history and the "already done this cycle" decisions survive
 //! restarts. A record is appended on every state change; on reading, the last line of an id
 //! wins and a torn last line (a crash mid-write) is ignored.
+//!
+//! **The journal never stops the daemon:** an append that fails part-way (a full disk) is cut
+//! back to the length before it, so the file stays whole lines; a journal with lines that do
+//! not parse (anywhere, or not UTF-8) is copied aside as `jobs.jsonl.corrupt-<unix time>` with a
+//! warning and rewritten with the lines that do, instead of failing the start (which systemd
+//! would restart in a loop).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -183,7 +189,8 @@ pub struct JobLog {
 }
 
 impl JobLog {
-    /// Opens (creating the directory) and loads `<run>/chainsync/jobs.jsonl`.
+    /// Opens (creating the directory) and loads `<run>/chainsync/jobs.jsonl`. Unparsable lines
+    /// are moved aside (see the module docs); only an unreadable file or directory is an error.
     pub fn open(run_dir: &Path) -> Result<JobLog, JournalError> {
         let dir = run_dir.join(STATE_DIR);
         std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io {
@@ -191,32 +198,22 @@ impl JobLog {
             source,
         })?;
         let path = dir.join(JOBS_FILE);
-        let mut records = match std::fs::read_to_string(&path) {
-            Ok(t) => parse_journal(&t, &path)?,
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(source) => return Err(JournalError::Io { path, source }),
         };
-        // A torn last line is cut off, so the next append starts a clean line.
-        if let Ok(t) = std::fs::read(&path)
-            && !t.is_empty()
-            && !t.ends_with(b"\n")
-        {
-            let keep = t
-                .iter()
-                .rposition(|b| *b == b'\n')
-                .map(|i| i + 1)
-                .unwrap_or(0);
-            let io = |source| JournalError::Io {
-                path: path.clone(),
-                source,
-            };
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io)?;
-            f.set_len(keep as u64).map_err(io)?;
-            f.sync_data().map_err(io)?;
+        let loaded = load_lenient(&bytes);
+        if !loaded.bad_lines.is_empty() {
+            set_aside(&path, &bytes, &loaded);
+        } else if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+            // A torn last line is cut off, so the next append starts a clean line.
+            let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            if let Err(e) = truncate_to(&path, keep as u64) {
+                tracing::warn!(path = %path.display(), error = %e, "could not cut the torn last line of the job journal");
+            }
         }
+        let mut records = loaded.records;
         // Jobs that were running when the process died never finished.
         let interrupted: Vec<JobRecord> = records
             .iter_mut()
@@ -234,7 +231,9 @@ impl JobLog {
             write: Mutex::new(()),
         };
         for r in &interrupted {
-            log.append(r)?;
+            if let Err(e) = log.append(r) {
+                tracing::error!(error = %e, "could not append to the job journal");
+            }
         }
         Ok(log)
     }
@@ -360,6 +359,8 @@ impl JobLog {
     }
 }
 
+/// Appends `bytes` and fsyncs. On failure (ENOSPC, EDQUOT, EIO) the file is cut back to its
+/// length before the append, so a partial line never stays behind.
 fn append_bytes(path: &Path, bytes: &[u8]) -> Result<(), JournalError> {
     let io = |source| JournalError::Io {
         path: path.to_path_buf(),
@@ -370,8 +371,109 @@ fn append_bytes(path: &Path, bytes: &[u8]) -> Result<(), JournalError> {
         .append(true)
         .open(path)
         .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_data().map_err(io)
+    let before = f.metadata().map_err(io)?.len();
+    let written = f.write_all(bytes).and_then(|_| f.sync_data());
+    if let Err(e) = written {
+        if let Err(cut) = f.set_len(before).and_then(|_| f.sync_data()) {
+            tracing::warn!(path = %path.display(), error = %cut, "could not cut a failed append back");
+        }
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+fn truncate_to(path: &Path, len: u64) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(len)?;
+    f.sync_data()
+}
+
+/// What [`load_lenient`] found.
+struct Loaded {
+    records: Vec<JobRecord>,
+    /// 1-based numbers of the lines that do not parse (a torn last line not counted).
+    bad_lines: Vec<usize>,
+    /// The lines that parse, in order, each with its newline.
+    good: Vec<u8>,
+}
+
+/// Parses journal bytes line by line: last record per id wins; an unparsable last line without
+/// a newline is a torn write (dropped silently); other unparsable lines are collected.
+fn load_lenient(bytes: &[u8]) -> Loaded {
+    let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    let last = lines.iter().rposition(|l| !l.trim_ascii().is_empty());
+    let mut out = Loaded {
+        records: Vec::new(),
+        bad_lines: Vec::new(),
+        good: Vec::new(),
+    };
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<JobRecord>(line) {
+            Ok(r) => {
+                out.good.extend_from_slice(line);
+                out.good.push(b'\n');
+                match out.records.iter_mut().find(|o| o.id == r.id) {
+                    Some(o) => *o = r,
+                    None => out.records.push(r),
+                }
+            }
+            Err(_) if Some(i) == last && !bytes.ends_with(b"\n") => {
+                tracing::warn!(line = i + 1, "ignoring a torn last line of the job journal");
+            }
+            Err(_) => out.bad_lines.push(i + 1),
+        }
+    }
+    out.records.sort_by_key(|r| r.id);
+    if out.records.len() > MAX_KEPT {
+        let extra = out.records.len() - MAX_KEPT;
+        out.records.drain(..extra);
+    }
+    out
+}
+
+/// Copies the journal aside as `jobs.jsonl.corrupt-<unix time>` and replaces it (atomically)
+/// with its parsable lines. Failures are logged: the daemon runs on the records in memory.
+fn set_aside(path: &Path, bytes: &[u8], loaded: &Loaded) {
+    let aside = path.with_file_name(format!("{JOBS_FILE}.corrupt-{}", now_unix()));
+    let tmp = path.with_file_name(format!(".{JOBS_FILE}.rewrite-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        write_synced(&aside, bytes)?;
+        write_synced(&tmp, &loaded.good)?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(d) = path.parent() {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    let shown: Vec<String> = loaded.bad_lines.iter().take(10).map(|n| n.to_string()).collect();
+    match result {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            lines = %shown.join(","),
+            bad = loaded.bad_lines.len(),
+            kept = loaded.records.len(),
+            copy = %aside.display(),
+            "the job journal had lines that do not parse; the whole file was copied aside and the journal keeps the others"
+        ),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(
+                path = %path.display(),
+                lines = %shown.join(","),
+                error = %e,
+                "the job journal has lines that do not parse and could not be rewritten; going on with the others"
+            );
+        }
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 #[cfg(test)]
@@ -405,6 +507,37 @@ mod tests {
         let log = JobLog::open(dir.path()).unwrap();
         assert!(log.get(r3.id).is_some());
         assert_eq!(log.find(JobKind::Commit1, 7).map(|r| r.id), Some(r.id));
+    }
+
+    #[test]
+    fn a_corrupt_line_is_set_aside_and_the_rest_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = JobLog::open(dir.path()).unwrap();
+        let mut a = log.start(JobKind::Commit1, "MinerCommit1", 7, 100, false);
+        a.outcome = JobOutcome::Succeeded;
+        log.put(&a);
+        append_bytes(log.path(), b"{\"id\":2,\"kind\":\xff garbage\n").unwrap();
+        let b = log.start(JobKind::Download, "Distribute", 8, 150, false);
+        let path = log.path().to_path_buf();
+        drop(log);
+        let before = std::fs::read(&path).unwrap();
+
+        let log = JobLog::open(dir.path()).expect("a corrupt line does not fail the start");
+        let ids: Vec<u64> = log.newest_first(0).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![b.id, a.id]);
+        let copies: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("jobs.jsonl.corrupt-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "one copy set aside");
+        assert_eq!(std::fs::read(copies[0].path()).unwrap(), before);
+        // The journal itself is whole lines that parse now.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(parse_journal(&text, &path).is_ok(), "{text}");
+        drop(log);
+        let again = JobLog::open(dir.path()).unwrap();
+        assert_eq!(again.newest_first(0).len(), 2);
     }
 
     #[test]

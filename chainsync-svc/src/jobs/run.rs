@@ -21,7 +21,9 @@ use crate::commitment::{
     parse_commitment, read_commits,
 };
 use crate::phase::{PhaseInfo, PhaseName, PreviousPhases, version_window};
-use crate::transport::{Peer, Submission, download_checkpoint, submit_checkpoint};
+use crate::transport::{
+    Peer, Submission, check_peer_address, download_checkpoint, submit_checkpoint,
+};
 
 /// The model shard of group `gid` in checkpoint directory `dir`: `.safetensors` when present,
 /// else `.pt`; when neither exists, the `.safetensors` name (whose absence the caller reports).
@@ -256,6 +258,12 @@ impl Engine {
 
     // ---------------------------------------------------------------- DOWNLOAD
 
+    /// How long a manual download (`LoadBaseline`) may take: one cycle at the block time, so
+    /// it cannot hold the download lock forever (a validator dripping bytes).
+    pub(crate) fn manual_download_limit(&self) -> std::time::Duration {
+        manual_download_limit(self.s.timing.block_time, self.s.schedule.cycle_length())
+    }
+
     async fn download(&self, progress: &std::sync::Mutex<JobRecord>, info: &PhaseInfo) -> End {
         let _one = self.download_lock.lock().await;
         if matches!(
@@ -309,8 +317,17 @@ impl Engine {
                 r.global_ver = Some(cand.global_ver);
             }
             note_hash(&cand.model_hash);
-            let deadline = (!progress.lock().unwrap_or_else(|p| p.into_inner()).manual)
-                .then(|| self.deadline_for(info.phase_end_block));
+            if let Err(why) = check_peer_address(&cand.axon_ip, self.s.peer_addresses) {
+                tracing::warn!(validator = %cand.hotkey, reason = %why, "validator candidate refused");
+                errors.push(format!("validator {}:{}: {why}", cand.axon_ip, cand.axon_port));
+                continue;
+            }
+            // A manual download (LoadBaseline) is not bound by a phase: it gets one cycle.
+            let deadline = Some(if progress.lock().unwrap_or_else(|p| p.into_inner()).manual {
+                tokio::time::Instant::now() + self.manual_download_limit()
+            } else {
+                self.deadline_for(info.phase_end_block)
+            });
             let origin_block = self.head().max(info.block);
             let fetched = match &self.hub {
                 Some(hub) => self.download_hub(hub, progress, cand, deadline).await,
@@ -800,6 +817,9 @@ impl Engine {
                 neuron.axon_ip, neuron.axon_port
             ));
         }
+        if let Err(why) = check_peer_address(&neuron.axon_ip, self.s.peer_addresses) {
+            return End::Failed(format!("validator {dest}: {why}"));
+        }
         let model_hash: ModelHash = match hex.parse() {
             Ok(h) => h,
             Err(e) => return End::Failed(format!("committed hash {hex:?}: {e}")),
@@ -834,4 +854,14 @@ impl Engine {
             Err(e) => End::Failed(e.to_string()),
         }
     }
+}
+
+/// [`Engine::manual_download_limit`]: `cycle_length` blocks of `block_time`, at least a minute.
+pub(crate) fn manual_download_limit(
+    block_time: std::time::Duration,
+    cycle_length: u64,
+) -> std::time::Duration {
+    block_time
+        .saturating_mul(u32::try_from(cycle_length).unwrap_or(u32::MAX))
+        .max(std::time::Duration::from_secs(60))
 }

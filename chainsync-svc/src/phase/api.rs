@@ -2,7 +2,8 @@
 //!
 //! Same retry policy as the reference (`_get_with_retry`): per-request timeout, no retry on
 //! {400,401,403,404,405,409,422}, exponential backoff, plus a caller-given deadline that no
-//! attempt or sleep runs past.
+//! attempt or sleep runs past. Answers are read up to [`MAX_JSON_BODY`]; redirects are not
+//! followed.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tracing::Instrument;
 
 use super::schedule::{NextPhases, PhaseInfo, PreviousPhases};
 use crate::transport::http_client;
+use crate::transport::limits::{BodyError, MAX_JSON_BODY, read_body_limited};
 use crate::transport::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
 
 /// The live owner API (spec §2.2.1 `cycle.owner_url`).
@@ -120,10 +122,12 @@ impl OwnerApi {
                         AttemptError::Retryable(Failure::Status(status))
                     });
                 }
-                let body = resp
-                    .bytes()
+                let body = read_body_limited(resp, MAX_JSON_BODY, timeout, false)
                     .await
-                    .map_err(|e| AttemptError::Retryable(Failure::Io(e.to_string())))?;
+                    .map_err(|e| match e {
+                        BodyError::TooLarge { .. } => AttemptError::Fatal(Failure::Shape(e.to_string())),
+                        other => AttemptError::Retryable(Failure::Io(other.to_string())),
+                    })?;
                 serde_json::from_slice::<T>(&body)
                     .map_err(|e| AttemptError::Fatal(Failure::Shape(e.to_string())))
             };

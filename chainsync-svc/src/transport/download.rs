@@ -9,21 +9,37 @@
 //! file's first bytes) checks the keys as soon as the tensor
 //! list is in, and hashes and checks each tensor once its bytes are on disk, so after the last
 //! byte only the rest of the last tensors remains. A refusal stops the transfer at once.
+//!
+//! Bounds (see [`super::limits`]): the body may not exceed [`max_shard_bytes`] of the group
+//! (checked against `Content-Length` before the body and on every piece); once the tensor list
+//! is in, the bound tightens to what those tensors can take in the file, so junk after a valid
+//! file is refused as soon as it passes that. A file the streamed parse cannot follow (not a
+//! `.pt` zip, an unparsable `data.pkl`) is refused at that point instead of being received to the
+//! end. Redirects are refused, error bodies are read up to [`MAX_ERROR_BODY`], and the free space
+//! is checked before the body is written.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use miner_contract::hash::ModelHash;
-use miner_contract::shard::shard_file_name;
+use miner_contract::pt::{PtError, TensorMeta};
+use miner_contract::shard::{
+    ShardCheck, ShardFollower, ShardFormat, ShardLayout, shard_file_name,
+};
 use miner_contract::{ExpertGroup, PublishInfo, Published, RunDir, Staged};
 use miner_keys::Hotkey;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::limits::{
+    DEEPSEEK_V2_LITE, MAX_ERROR_BODY, WIDEST_SHARD_DTYPE, check_free_space, error_text,
+    file_bound, max_shard_bytes, read_body_limited,
+};
 use super::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
-use super::verify::{DownloadVerifier, VerifyError, check_hash, sniff_file, verify_hash_signature};
+use super::verify::{GroupCheck, VerifyError, check_hash, sniff_file, verify_hash_signature};
 use super::{Peer, TransportError, block_message};
 use crate::commitment::{ChainCheckpoint, axon_is_served};
 
@@ -113,14 +129,16 @@ pub async fn download_checkpoint(
     let url = format!("{}/get-checkpoint", peer.base_url());
 
     let expected = super::verify::parse_committed_hash(&candidate.model_hash).map_err(rejected)?;
+    let cap = max_shard_bytes(group, WIDEST_SHARD_DTYPE);
     let outcome = retry(policy, deadline, |attempt, idle| {
         let req = client.get(&url).form(&form);
         let file_path = file_path.clone();
         let p = p.clone();
         let group = group.clone();
         let span = super::http_span("GET", "/get-checkpoint", &url, attempt);
+        let bounds = Bounds { idle, deadline, cap };
         async move {
-            let r = fetch_once(req, &file_path, &p, idle, deadline, group, expected).await;
+            let r = fetch_once(req, &file_path, &p, bounds, group, expected).await;
             super::record_attempt(&r);
             r
         }
@@ -243,16 +261,86 @@ fn write_body(
     result
 }
 
+/// [`GroupCheck`] plus the size bounds: no tensor larger than a routed expert's largest
+/// tensor, and, once the tensor list is in, `limit` lowered to what these tensors can take in
+/// the file (the receiving side stops the transfer past it).
+struct BoundedCheck {
+    inner: GroupCheck,
+    limit: Arc<AtomicU64>,
+    path: PathBuf,
+}
+
+impl ShardCheck for BoundedCheck {
+    type Error = VerifyError;
+
+    fn entries(&mut self, layout: ShardLayout, entries: &[TensorMeta]) -> Result<(), VerifyError> {
+        self.inner.entries(layout, entries)?;
+        let max_elems = DEEPSEEK_V2_LITE.max_tensor_elems();
+        if let Some(m) = entries.iter().find(|m| m.numel() as u64 > max_elems) {
+            return Err(VerifyError::from(PtError::InvalidTensor {
+                path: self.path.clone(),
+                name: m.name.clone(),
+                detail: format!(
+                    "shape {:?} has more elements than a routed expert's largest tensor ({max_elems})",
+                    m.shape
+                ),
+            }));
+        }
+        let bytes: u64 = entries.iter().map(|m| m.nbytes() as u64).sum();
+        let bound = file_bound(bytes, entries.len() as u64);
+        let cap = self.limit.load(Ordering::SeqCst);
+        if bound > cap {
+            return Err(VerifyError::from(PtError::NotACheckpoint {
+                path: self.path.clone(),
+                detail: format!(
+                    "its tensors need up to {bound} bytes, more than the expert group's {cap}"
+                ),
+            }));
+        }
+        self.limit.store(bound, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn data(&mut self, meta: &TensorMeta, le_bytes: &[u8]) -> Result<(), VerifyError> {
+        self.inner.data(meta, le_bytes)
+    }
+}
+
 /// The verifier thread: follows the file as the writer extends it (keys checked as soon as the
 /// tensor list is in, each tensor hashed and checked for finiteness once its bytes are there)
-/// and finishes when the file is complete. `Ok(None)`: the attempt was abandoned.
+/// and finishes when the file is complete. `Ok(None)`: the attempt was abandoned. A file the
+/// streamed parse cannot follow is refused at once (a download is never received to the end
+/// only to find it is not a checkpoint).
 fn verify_body(
     path: &Path,
     group: ExpertGroup,
     expected: ModelHash,
     progress: &Progress,
+    limit: Arc<AtomicU64>,
 ) -> Result<Option<ModelHash>, VerifyError> {
-    let mut follower = DownloadVerifier::new(path, group, None)?;
+    let mut check = Some(BoundedCheck {
+        inner: GroupCheck::new(group),
+        limit,
+        path: path.to_path_buf(),
+    });
+    // The format is told by the file's first bytes (`GET /get-checkpoint` names no file).
+    let mut follower: Option<ShardFollower<BoundedCheck>> = None;
+    let mut start = |written: u64, follower: &mut Option<ShardFollower<BoundedCheck>>| {
+        if follower.is_some() {
+            return Ok::<(), VerifyError>(());
+        }
+        let n = written.min(9) as usize;
+        let format = if n == 9 {
+            Some(sniff_file(path).unwrap_or(ShardFormat::Safetensors))
+        } else {
+            None
+        };
+        if let (Some(format), Some(c)) = (format, check.take()) {
+            let max = c.inner.max_header();
+            *follower = Some(ShardFollower::with_format(path, format, c)?.with_max_header(max));
+        }
+        Ok(())
+    };
     let mut seen = 0u64;
     loop {
         let w = progress.wait_beyond(seen);
@@ -260,7 +348,9 @@ fn verify_body(
             return Ok(None);
         }
         if w.complete {
-            let (followed, _format) = follower.finish(w.bytes)?;
+            start(w.bytes.max(9), &mut follower)?;
+            let f = follower.take().ok_or(VerifyError::Empty)?;
+            let followed = f.finish(w.bytes)?;
             tracing::debug!(
                 streamed = followed.streamed,
                 hashed_at_finish = followed.hashed_at_finish,
@@ -269,8 +359,83 @@ fn verify_body(
             return check_hash(&followed, &expected).map(Some);
         }
         seen = w.bytes.min(seen + VERIFY_STEP);
-        follower.advance(seen)?;
+        start(seen, &mut follower)?;
+        let Some(f) = follower.as_mut() else {
+            continue;
+        };
+        f.advance(seen)?;
+        if !f.following() {
+            return Err(VerifyError::from(PtError::CorruptZip {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "not a torch.save checkpoint this miner can verify (refused after {seen} bytes: not a zip record, a compressed record, or an unparsable data.pkl)"
+                ),
+            }));
+        }
     }
+}
+
+/// The time and size bounds of one attempt.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// Longest wait for the next piece of data.
+    idle: Duration,
+    /// The end of the whole download.
+    deadline: Option<Instant>,
+    /// [`max_shard_bytes`] of the group.
+    cap: u64,
+}
+
+/// The response head: a success whose `Content-Length` (when given) fits under `cap`. A
+/// redirect is refused (never followed); an error status keeps at most [`MAX_ERROR_BODY`]
+/// bytes of its body, read within `idle`.
+async fn check_head(
+    resp: reqwest::Response,
+    peer: &str,
+    idle: Duration,
+    cap: u64,
+) -> Result<reqwest::Response, AttemptError<TransportError>> {
+    let status = resp.status().as_u16();
+    tracing::Span::current().record("http.response.status_code", status);
+    if resp.status().is_redirection() {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(200).collect())
+            .unwrap_or_default();
+        return Err(AttemptError::Fatal(TransportError::Redirect {
+            peer: peer.to_owned(),
+            status,
+            location,
+        }));
+    }
+    if !resp.status().is_success() {
+        let body = read_body_limited(resp, MAX_ERROR_BODY, idle, true)
+            .await
+            .unwrap_or_default();
+        let err = TransportError::Status {
+            peer: peer.to_owned(),
+            status,
+            body: error_text(&body),
+        };
+        return Err(if is_non_retryable(status) {
+            AttemptError::Fatal(err)
+        } else {
+            AttemptError::Retryable(err)
+        });
+    }
+    if let Some(n) = resp.content_length()
+        && n > cap
+    {
+        return Err(AttemptError::Fatal(TransportError::TooLarge {
+            peer: peer.to_owned(),
+            what: "Content-Length",
+            got: n,
+            limit: cap,
+            why: "the expert group's shard can take",
+        }));
+    }
+    Ok(resp)
 }
 
 /// One attempt: request, stream the body to `file_path` (truncating any earlier attempt) on a
@@ -280,44 +445,26 @@ async fn fetch_once(
     req: reqwest::RequestBuilder,
     file_path: &Path,
     peer: &str,
-    idle: Duration,
-    deadline: Option<Instant>,
+    bounds: Bounds,
     group: ExpertGroup,
     expected: ModelHash,
 ) -> Result<ModelHash, AttemptError<TransportError>> {
-    let retryable = AttemptError::Retryable;
-    let timeout = |what: &'static str| TransportError::Timeout {
+    let Bounds { idle, deadline, cap } = bounds;
+    let timeout = TransportError::Timeout {
         peer: peer.to_owned(),
-        what,
+        what: "waiting for response headers",
         after: idle,
     };
-    let net = |e: reqwest::Error| TransportError::Network {
-        peer: peer.to_owned(),
-        reason: error_chain(&e),
-    };
-    let resp = tokio::time::timeout(idle, req.send())
+    let resp = tokio::time::timeout(clip(idle, deadline), req.send())
         .await
-        .map_err(|_| retryable(timeout("waiting for response headers")))?
-        .map_err(|e| retryable(net(e)))?;
-    let status = resp.status().as_u16();
-    tracing::Span::current().record("http.response.status_code", status);
-    if !resp.status().is_success() {
-        let body = tokio::time::timeout(idle, resp.text())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let err = TransportError::Status {
-            peer: peer.to_owned(),
-            status,
-            body: body.chars().take(200).collect(),
-        };
-        return Err(if is_non_retryable(status) {
-            AttemptError::Fatal(err)
-        } else {
-            retryable(err)
-        });
-    }
+        .map_err(|_| AttemptError::Retryable(timeout))?
+        .map_err(|e| {
+            AttemptError::Retryable(TransportError::Network {
+                peer: peer.to_owned(),
+                reason: error_chain(&e),
+            })
+        })?;
+    let resp = check_head(resp, peer, idle, cap).await?;
     let expected_len = resp.content_length();
     let local = |reason: String| {
         AttemptError::Fatal(TransportError::Local {
@@ -326,6 +473,9 @@ async fn fetch_once(
             reason,
         })
     };
+    if let Some(dir) = file_path.parent() {
+        check_free_space(dir, expected_len.unwrap_or(0)).map_err(local)?;
+    }
     let file = tokio::fs::File::create(file_path)
         .await
         .map_err(|e| local(e.to_string()))?
@@ -338,13 +488,15 @@ async fn fetch_once(
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || write_body(file, rx, &progress))
     };
+    let limit = Arc::new(AtomicU64::new(cap));
     let mut verifier = {
         let progress = progress.clone();
         let path = file_path.to_path_buf();
-        tokio::task::spawn_blocking(move || verify_body(&path, group, expected, &progress))
+        let limit = limit.clone();
+        tokio::task::spawn_blocking(move || verify_body(&path, group, expected, &progress, limit))
     };
 
-    let received = receive_body(resp, &tx, &mut verifier, peer, idle, deadline, expected_len).await;
+    let received = receive_body(resp, &tx, &mut verifier, peer, bounds, expected_len, &limit).await;
     let early_verdict = match received {
         Ok(_) => {
             // The writer may already be gone (a write failed); its result says why.
@@ -401,16 +553,27 @@ enum Received {
 }
 
 /// Streams the response body into the writer's channel; stops as soon as the verifier refuses
-/// the content.
+/// the content or the body passes `limit` (the group's cap, then what the file's tensors can
+/// take once the verifier has their list).
 async fn receive_body(
     mut resp: reqwest::Response,
     tx: &tokio::sync::mpsc::Sender<Piece>,
     verifier: &mut tokio::task::JoinHandle<Result<Option<ModelHash>, VerifyError>>,
     peer: &str,
-    idle: Duration,
-    deadline: Option<Instant>,
+    bounds: Bounds,
     expected: Option<u64>,
+    limit: &AtomicU64,
 ) -> Result<u64, Received> {
+    let Bounds { idle, deadline, .. } = bounds;
+    let too_large = |what: &'static str, got: u64, limit: u64| {
+        Received::Failed(AttemptError::Fatal(TransportError::TooLarge {
+            peer: peer.to_owned(),
+            what,
+            got,
+            limit,
+            why: "its tensors can take in the file",
+        }))
+    };
     let retryable = |e| Received::Failed(AttemptError::Retryable(e));
     let timeout = |what: &'static str| TransportError::Timeout {
         peer: peer.to_owned(),
@@ -440,6 +603,16 @@ async fn receive_body(
         match chunk {
             Ok(Some(bytes)) => {
                 got += bytes.len() as u64;
+                // The bound tightens once the verifier has the tensor list.
+                let max = limit.load(Ordering::SeqCst);
+                if got > max {
+                    return Err(too_large("body", got, max));
+                }
+                if let Some(n) = expected
+                    && n > max
+                {
+                    return Err(too_large("Content-Length", n, max));
+                }
                 pending.extend_from_slice(&bytes);
                 if pending.len() >= SEND_BATCH {
                     let piece = std::mem::replace(&mut pending, Vec::with_capacity(SEND_BATCH));

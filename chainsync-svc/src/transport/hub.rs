@@ -19,12 +19,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use miner_contract::hash::ModelHash;
-use miner_contract::pt::{Followed, PtFollower};
+use miner_contract::pt::Followed;
+use miner_contract::shard::ShardFormat;
 use miner_contract::{ExpertGroup, PublishInfo, Published, RunDir, Staged};
 use miner_hub::{HubClient, HubError, RepoId};
 use tokio::time::Instant;
 
-use super::verify::{GroupCheck, VerifyError, check_hash, parse_committed_hash, verify_hash_signature};
+use super::verify::{
+    DownloadVerifier, VerifyError, check_hash, parse_committed_hash, verify_hash_signature,
+};
 use crate::commitment::ChainCheckpoint;
 use crate::hub::KIND;
 
@@ -417,27 +420,28 @@ pub(crate) trait Follow: Send {
     fn finish(self: Box<Self>, len: u64) -> Result<Followed, VerifyError>;
 }
 
-impl Follow for PtFollower<GroupCheck> {
+impl Follow for DownloadVerifier {
     fn advance(&mut self, written: u64) -> Result<(), VerifyError> {
-        PtFollower::advance(self, written)
+        DownloadVerifier::advance(self, written)
     }
     fn finish(self: Box<Self>, len: u64) -> Result<Followed, VerifyError> {
-        PtFollower::finish(*self, len)
+        DownloadVerifier::finish(*self, len).map(|(f, _)| f)
     }
 }
 
-/// A follower for `kind` (the file need not exist yet: it is opened on the first advance).
+/// A follower for `kind` (opened on the file once the pipeline starts).
 fn shard_follower(
     kind: ShardKind,
     group: &ExpertGroup,
 ) -> Result<Box<dyn FnOnce(&Path) -> Result<Box<dyn Follow>, VerifyError> + Send>, String> {
     let group = group.clone();
-    match kind {
-        ShardKind::Pt => Ok(Box::new(move |p: &Path| {
-            Ok(Box::new(PtFollower::new(p, GroupCheck::new(group))?) as Box<dyn Follow>)
-        })),
-        ShardKind::Safetensors => Err("safetensors shards are not supported by this build".into()),
-    }
+    let format = match kind {
+        ShardKind::Pt => ShardFormat::Pt,
+        ShardKind::Safetensors => ShardFormat::Safetensors,
+    };
+    Ok(Box::new(move |p: &Path| {
+        Ok(Box::new(DownloadVerifier::new(p, group, Some(format))?) as Box<dyn Follow>)
+    }))
 }
 
 enum PipeError {

@@ -8,6 +8,7 @@
 
 pub mod download;
 pub mod hub;
+pub mod limits;
 pub mod retry;
 pub mod submit;
 pub mod verify;
@@ -15,6 +16,9 @@ pub mod verify;
 use std::time::Duration;
 
 pub use download::download_checkpoint;
+pub use limits::{
+    PeerAddresses, check_free_space, check_peer_address, max_shard_bytes, read_body_limited,
+};
 pub use retry::{Backoff, NON_RETRYABLE_STATUSES, RetryPolicy, is_non_retryable};
 pub use submit::{Submission, SubmitReceipt, submit_checkpoint};
 pub use verify::{VerifyError, verify_checkpoint_file};
@@ -42,11 +46,16 @@ pub(crate) fn record_attempt<T, E: std::fmt::Display>(r: &Result<T, retry::Attem
     }
 }
 
-/// The crate's HTTP client (rustls with the `ring` provider, no proxies from the environment).
+/// The crate's HTTP client (rustls with the `ring` provider, no proxies from the environment,
+/// redirects never followed: a validator or the phase API answering 3xx gets an error, so a
+/// peer cannot send us to another host or port).
 pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     // Installing twice is harmless: the first provider stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().no_proxy().build()
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// A validator's HTTP endpoint (`ip:port` from its axon info) and hotkey.
@@ -124,13 +133,31 @@ pub enum TransportError {
     },
     #[error("validator {peer}: bad request parameters: {reason}")]
     Invalid { peer: String, reason: String },
+    /// The body is (or says it is) larger than the expert group's shard can be.
+    #[error("validator {peer}: {what} of {got} bytes exceeds the {limit} bytes {why}")]
+    TooLarge {
+        peer: String,
+        what: &'static str,
+        got: u64,
+        limit: u64,
+        why: &'static str,
+    },
+    /// The validator answered with a redirect (never followed).
+    #[error("validator {peer}: HTTP {status} redirect to {location:?} refused")]
+    Redirect {
+        peer: String,
+        status: u16,
+        location: String,
+    },
 }
 
 impl TransportError {
     /// The HTTP status a validator answered, when that is why it failed (looks through retries).
     pub fn status(&self) -> Option<u16> {
         match self {
-            TransportError::Status { status, .. } => Some(*status),
+            TransportError::Status { status, .. } | TransportError::Redirect { status, .. } => {
+                Some(*status)
+            }
             TransportError::Exhausted { last, .. } => last.status(),
             TransportError::Deadline { last: Some(l), .. } => l.status(),
             _ => None,

@@ -1,8 +1,10 @@
 //! `POST http://{ip}:{port}/submit-checkpoint` (spec §6.2): upload our shard as multipart,
 //! streamed from disk (the file is never held in memory), signed over
-//! `model_bytes(24) ‖ target_pubkey(32) ‖ u64_be(origin_block)`.
+//! `model_bytes(24) ‖ target_pubkey(32) ‖ u64_be(origin_block)`. The validator's reply is read
+//! with a limit ([`MAX_JSON_BODY`], error bodies [`MAX_ERROR_BODY`]); redirects are refused.
 
 use std::path::Path;
+use std::time::Duration;
 
 use miner_contract::hash::ModelHash;
 use miner_contract::layout::model_file_name;
@@ -13,6 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::download::error_chain;
+use super::limits::{BodyError, MAX_ERROR_BODY, MAX_JSON_BODY, error_text, read_body_limited};
 use super::retry::{AttemptError, RetryError, RetryPolicy, is_non_retryable, retry};
 use super::{Peer, TransportError, block_message};
 
@@ -78,6 +81,7 @@ pub async fn submit_checkpoint(
         attempts = attempt;
         let fields = fields.clone();
         let (url, file_name, p) = (url.clone(), file_name.clone(), p.clone());
+        let p2 = p.clone();
         let span = super::http_span("POST", "/submit-checkpoint", &url, attempt);
         let attempt = async move {
             let local = |e: std::io::Error| {
@@ -126,27 +130,13 @@ pub async fn submit_checkpoint(
                 })?;
             let status = resp.status().as_u16();
             tracing::Span::current().record("http.response.status_code", status);
-            let body = resp.bytes().await.map_err(|e| {
-                AttemptError::Retryable(TransportError::Network {
-                    peer: p.clone(),
-                    reason: error_chain(&e),
-                })
-            })?;
-            if !(200..300).contains(&status) {
-                let err = TransportError::Status {
-                    peer: p.clone(),
-                    status,
-                    body: String::from_utf8_lossy(&body).chars().take(200).collect(),
-                };
-                return Err(if is_non_retryable(status) {
-                    AttemptError::Fatal(err)
-                } else {
-                    AttemptError::Retryable(err)
-                });
-            }
+            read_reply(resp, &p, timeout).await
+        };
+        let attempt = async move {
+            let body = attempt.await?;
             serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| {
                 AttemptError::Fatal(TransportError::BadResponse {
-                    peer: p.clone(),
+                    peer: p2,
                     reason: format!("2xx without a JSON body: {e}"),
                 })
             })
@@ -173,4 +163,58 @@ pub async fn submit_checkpoint(
             last: last.map(Box::new),
         }),
     }
+}
+
+/// The validator's answer: a 2xx body of at most [`MAX_JSON_BODY`] bytes; a redirect is refused
+/// (never followed); an error status keeps at most [`MAX_ERROR_BODY`] bytes of its body.
+async fn read_reply(
+    resp: reqwest::Response,
+    peer: &str,
+    idle: Duration,
+) -> Result<Vec<u8>, AttemptError<TransportError>> {
+    let status = resp.status().as_u16();
+    if resp.status().is_redirection() {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(200).collect())
+            .unwrap_or_default();
+        return Err(AttemptError::Fatal(TransportError::Redirect {
+            peer: peer.to_owned(),
+            status,
+            location,
+        }));
+    }
+    if !(200..300).contains(&status) {
+        let body = read_body_limited(resp, MAX_ERROR_BODY, idle, true)
+            .await
+            .unwrap_or_default();
+        let err = TransportError::Status {
+            peer: peer.to_owned(),
+            status,
+            body: error_text(&body),
+        };
+        return Err(if is_non_retryable(status) {
+            AttemptError::Fatal(err)
+        } else {
+            AttemptError::Retryable(err)
+        });
+    }
+    read_body_limited(resp, MAX_JSON_BODY, idle, false)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { .. } => AttemptError::Fatal(TransportError::BadResponse {
+                peer: peer.to_owned(),
+                reason: e.to_string(),
+            }),
+            BodyError::Timeout(after) => AttemptError::Retryable(TransportError::Timeout {
+                peer: peer.to_owned(),
+                what: "reading the submission reply",
+                after,
+            }),
+            BodyError::Network(reason) => AttemptError::Retryable(TransportError::Network {
+                peer: peer.to_owned(),
+                reason,
+            }),
+        })
 }

@@ -5,6 +5,8 @@
 //!   token) and rustls server/client TLS settings;
 //! - [`token`]: the control token file (`<run>/control/token`, mode 0600) and the tower layer
 //!   that checks `authorization: Bearer <token>` in constant time;
+//! - [`metrics_http`]: the bounded plain-HTTP metrics server (deadline per connection, a cap on
+//!   connections, a pause after accept errors);
 //! - [`endpoints`]: the endpoints file (`<run>/control/<service>.json`) a local `minerctl` reads;
 //! - [`telemetry`]: `tracing` + optional OTLP export, and W3C `traceparent` propagation over
 //!   gRPC metadata (client interceptor, server layer);
@@ -12,6 +14,7 @@
 
 pub mod endpoints;
 pub mod listen;
+pub mod metrics_http;
 pub mod shutdown;
 pub mod telemetry;
 pub mod token;
@@ -20,6 +23,7 @@ pub use endpoints::{Endpoints, EndpointsFile, pid_alive};
 pub use listen::{
     ListenPolicyError, TlsFiles, bind_service_listeners, check_listen, grpc_incoming,
 };
+pub use metrics_http::{MetricsLimits, serve_metrics};
 pub use shutdown::{serve_with_grace, shutdown_on_signals, wait_for_signal};
 pub use telemetry::{
     LogFormat, TelemetryError, TelemetryGuard, TraceContextInterceptor, TraceContextLayer,
