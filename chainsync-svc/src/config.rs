@@ -99,12 +99,7 @@ pub struct Cli {
     /// How baselines and submissions travel: `hub` (the live subnet since 2026-04-27: the
     /// Hugging Face Hub plus the two commitments) or `http` (the validators' historical
     /// `GET /get-checkpoint` and `POST /submit-checkpoint`, for networks that still run them).
-    #[arg(
-        long,
-        env = "CHAINSYNC_TRANSPORT",
-        value_enum,
-        default_value = "hub"
-    )]
+    #[arg(long, env = "CHAINSYNC_TRANSPORT", value_enum, default_value = "hub")]
     pub transport: TransportKind,
     /// The Hugging Face Hub endpoint (default: `hf.endpoint` of the config, else
     /// https://huggingface.co).

@@ -56,7 +56,9 @@ impl std::fmt::Debug for HubSettings {
 
 /// Checks a repo id the chain has to carry: `owner/name`, at most 32 characters.
 pub fn chain_repo_id(s: &str) -> Result<RepoId, String> {
-    let repo: RepoId = s.parse().map_err(|e: miner_hub::InvalidRepoId| e.to_string())?;
+    let repo: RepoId = s
+        .parse()
+        .map_err(|e: miner_hub::InvalidRepoId| e.to_string())?;
     let len = s.chars().count();
     if len > CHAIN_COMMIT_MAX_HF_REPO_ID_CHARS {
         return Err(format!(
@@ -191,7 +193,9 @@ pub struct Preflight {
 /// repo id (configured, or `<whoami>/<default_repo_name>`) fits the chain. Sets `hub.repo`.
 pub async fn preflight(hub: &mut HubSettings) -> Result<Preflight, PreflightError> {
     let var = hub.token_env_var.clone();
-    let client = hub.client().map_err(|e| bad("--hf-endpoint", e.to_string()))?;
+    let client = hub
+        .client()
+        .map_err(|e| bad("--hf-endpoint", e.to_string()))?;
     let unreachable = |e: &HubError| PreflightError::Unreachable {
         endpoint: hub.endpoint.clone(),
         reason: e.to_string(),

@@ -15,18 +15,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 use chainsync_svc::config::Settings;
 use chainsync_svc::hub::HubSettings;
 use chainsync_svc::jobs::Policies;
 use chainsync_svc::phase::PhaseName;
+use miner_contract::shard::ShardFormat;
 use miner_contract::{MinerConfig, RunDir};
 use miner_hub::{HubClient, HubConfig, HubError, RepoId, RepoType};
 use miner_keys::Hotkey;
 use miner_proto::chainsync::v1 as pb;
 use miner_proto::chainsync::v1::chain_sync_client::ChainSyncClient;
-use miner_standins::hub::{FaultAction, HubFault, HubRoute, HubStandIn, HubStandInOptions, RepoKind};
 use miner_standins::PhaseApiStandIn;
+use miner_standins::hub::{
+    FaultAction, HubFault, HubRoute, HubStandIn, HubStandInOptions, RepoKind,
+};
 
 use cycle_support::*;
 
@@ -50,6 +52,9 @@ struct Opts {
     repo_before: Option<bool>,
     /// The good validator commits a revision whose file is missing (the other is refused).
     missing_at_revision: bool,
+    /// The good validator publishes its baseline only as `.pt` (default: only as
+    /// `.safetensors`, which the stock miner never asks for).
+    baseline_pt: bool,
 }
 
 struct Bed {
@@ -65,6 +70,7 @@ struct Bed {
     vhash: String,
     /// The validator whose baseline is the good one, and the other's.
     good: String,
+    good_repo: String,
     wrong: String,
     /// The cycle the daemon works in.
     c1: u64,
@@ -74,7 +80,9 @@ struct Bed {
 impl Bed {
     fn mc1_end(&self) -> u64 {
         let s = &self.bed.sched;
-        self.c1 * s.cycle_length() + s.phase_offset(PhaseName::MinerCommit1) + periods().commit_period
+        self.c1 * s.cycle_length()
+            + s.phase_offset(PhaseName::MinerCommit1)
+            + periods().commit_period
             - 1
     }
     fn mc2_end(&self) -> u64 {
@@ -99,7 +107,10 @@ impl Bed {
     async fn commitment(&self, block: u64) -> Option<String> {
         let t0 = Instant::now();
         while self.bed.head_now() < block {
-            assert!(t0.elapsed() < Duration::from_secs(60), "block {block} never came");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "block {block} never came"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.bed
@@ -148,8 +159,13 @@ async fn setup(o: Opts) -> Bed {
     let charlie = Hotkey::from_uri("//Charlie").unwrap();
     fund(bed.d, charlie.ss58());
 
-    let vfile = tmp.path().join("validator_model.pt");
-    let vhash = miner_contract::pt::write_pt_tensors(&vfile, &shard(100), &Default::default())
+    let (vformat, vname) = if o.baseline_pt {
+        (ShardFormat::Pt, "model_expgroup_0.pt")
+    } else {
+        (ShardFormat::Safetensors, "model_expgroup_0.safetensors")
+    };
+    let vfile = tmp.path().join(vname);
+    let vhash = miner_contract::shard::write_shard_tensors(&vfile, vformat, &shard(100))
         .unwrap()
         .to_hex();
     let wrong = tmp.path().join("wrong_model.pt");
@@ -201,26 +217,42 @@ async fn setup(o: Opts) -> Bed {
     };
     let rev = |oid: String| oid[..7].to_owned();
     let rv_first = rev(hub
-        .put_file(repo_of(&first), RepoKind::Model, "model_expgroup_0.pt", &std::fs::read(&wrong).unwrap())
+        .put_file(
+            repo_of(&first),
+            RepoKind::Model,
+            "model_expgroup_0.pt",
+            &std::fs::read(&wrong).unwrap(),
+        )
         .unwrap());
     let good_bytes = std::fs::read(&vfile).unwrap();
     let rv_second = if o.missing_at_revision {
         // The file is committed only after the revision the validator commits.
         let rv = rev(hub
-            .put_file(repo_of(&second), RepoKind::Model, "README.md", b"baseline soon\n")
+            .put_file(
+                repo_of(&second),
+                RepoKind::Model,
+                "README.md",
+                b"baseline soon\n",
+            )
             .unwrap());
-        hub.put_file(repo_of(&second), RepoKind::Model, "model_expgroup_0.pt", &good_bytes)
+        hub.put_file(repo_of(&second), RepoKind::Model, vname, &good_bytes)
             .unwrap();
         rv
     } else {
         rev(hub
-            .put_file(repo_of(&second), RepoKind::Model, "model_expgroup_0.pt", &good_bytes)
+            .put_file(repo_of(&second), RepoKind::Model, vname, &good_bytes)
             .unwrap())
     };
     let own_hash = publish_own(&run, own_gv, 5, 7);
 
     bed.wait_for_phase(PhaseName::ValidatorCommit2, 1).await;
-    let key = |ss58: &str| if ss58 == BOB { bob.clone() } else { charlie.clone() };
+    let key = |ss58: &str| {
+        if ss58 == BOB {
+            bob.clone()
+        } else {
+            charlie.clone()
+        }
+    };
     let (k1, k2) = (key(&first), key(&second));
     let t1 = vc2_hub_text(&vhash, v_base, repo_of(&first), &rv_first);
     let t2 = vc2_hub_text(&vhash, v_base, repo_of(&second), &rv_second);
@@ -259,6 +291,7 @@ async fn setup(o: Opts) -> Bed {
         own_hash,
         own_gv,
         vhash,
+        good_repo: repo_of(&second).to_owned(),
         good: second,
         wrong: first,
         c1: k + 1,
@@ -291,8 +324,14 @@ fn hub_settings(run_dir: &Path, owner_url: String, endpoint: String, token: &str
 /// A validator of the Submission phase: reads both commitments where validators read them,
 /// fetches `r@rv` without a token, checks the signature over `h` and the model hash of the file.
 async fn validate_like_a_validator(b: &Bed) -> (String, String) {
-    let m = b.commitment(b.mc1_end() + 1).await.expect("commit 1 on chain");
-    let c2 = b.commitment(b.mc2_end() + 1).await.expect("commit 2 on chain");
+    let m = b
+        .commitment(b.mc1_end() + 1)
+        .await
+        .expect("commit 1 on chain");
+    let c2 = b
+        .commitment(b.mc2_end() + 1)
+        .await
+        .expect("commit 2 on chain");
     let v1: serde_json::Value = serde_json::from_str(&m).unwrap();
     let v2: serde_json::Value = serde_json::from_str(&c2).unwrap();
     let sig = v1["m"].as_str().expect("m");
@@ -308,13 +347,24 @@ async fn validate_like_a_validator(b: &Bed) -> (String, String) {
         miner_keys::verify(&b.miner.public(), h.as_bytes(), &sig_bytes),
         "commit-1 signs commit-2's hash"
     );
-    let dest = b._tmp.path().join("validator_fetch.pt");
+    // Validators try `.safetensors`, then `.pt` (addendum A1).
     let repo: RepoId = r.parse().unwrap();
-    b.anon()
-        .download_to(&repo, RepoType::Model, rv, "model_expgroup_0.pt", &dest, 1 << 30)
+    let anon = b.anon();
+    let mut name = None;
+    for n in ["model_expgroup_0.safetensors", "model_expgroup_0.pt"] {
+        if anon.head_file(&repo, RepoType::Model, rv, n).await.is_ok() {
+            name = Some(n);
+            break;
+        }
+    }
+    let name = name.expect("a shard at r@rv, fetchable without a token");
+    let dest = b._tmp.path().join(format!("validator_fetch_{name}"));
+    anon.download_to(&repo, RepoType::Model, rv, name, &dest, 1 << 30)
         .await
         .expect("token-free fetch at r@rv");
-    let file_hash = miner_contract::hash::hash_pt_file(&dest).unwrap().to_hex();
+    let file_hash = miner_contract::shard::hash_shard_file(&dest)
+        .unwrap()
+        .to_hex();
     assert_eq!(file_hash, h, "the file at r@rv has the committed hash");
     (m, c2)
 }
@@ -330,16 +380,22 @@ fn start_copier(b: &Bed, stop: Arc<AtomicBool>) -> (Seen, tokio::task::JoinHandl
     let ws = b.bed.d.ws_url();
     let s2 = seen.clone();
     let task = tokio::spawn(async move {
-        let chain = chainsync_svc::chain::ChainClient::connect(&chainsync_svc::chain::Endpoint::Url(ws))
-            .await
-            .expect("copier's chain client");
+        let chain =
+            chainsync_svc::chain::ChainClient::connect(&chainsync_svc::chain::Endpoint::Url(ws))
+                .await
+                .expect("copier's chain client");
         let repo: RepoId = REPO.parse().unwrap();
+        let mut turn = 0u64;
         while !stop.load(Ordering::SeqCst) {
-            let head = anon
-                .head_file(&repo, RepoType::Model, "main", "model_expgroup_0.pt")
-                .await;
+            let name = if turn % 2 == 0 {
+                "model_expgroup_0.safetensors"
+            } else {
+                "model_expgroup_0.pt"
+            };
+            turn += 1;
+            let head = anon.head_file(&repo, RepoType::Model, "main", name).await;
             let get = anon
-                .get_range(&repo, RepoType::Model, "main", "model_expgroup_0.pt", 0, 16)
+                .get_range(&repo, RepoType::Model, "main", name, 0, 16)
                 .await;
             let info = anon.repo_info(&repo, RepoType::Model, None).await;
             let tree = anon.list_files(&repo, RepoType::Model, "main", None).await;
@@ -376,14 +432,29 @@ async fn a_hub_cycle_with_the_copy_guard_submits_and_a_copier_sees_nothing_befor
     let dl = b.job(pb::JobKind::Download).await;
     assert!(ok(&dl), "{dl:#?}");
     assert_eq!(dl.model_hash, b.vhash);
-    assert_eq!(dl.destination, b.good, "the wrong-hash candidate was refused");
+    assert_eq!(
+        dl.destination, b.good,
+        "the wrong-hash candidate was refused"
+    );
     assert_eq!(dl.attempts, 2);
-    assert!(dl.hf_repo.ends_with("/ckpt") && dl.hf_revision.len() == 7, "{dl:#?}");
+    assert!(
+        dl.hf_repo.ends_with("/ckpt") && dl.hf_revision.len() == 7,
+        "{dl:#?}"
+    );
     let vbest = b.run.best_validator().unwrap().expect("baseline published");
     assert!(vbest.is_verified());
-    assert_eq!(vbest.manifest.as_ref().unwrap().model_hash.to_hex(), b.vhash);
     assert_eq!(
-        std::fs::read_dir(b.run_dir.join("validator_checkpoint")).unwrap().count(),
+        vbest.manifest.as_ref().unwrap().model_hash.to_hex(),
+        b.vhash
+    );
+    assert!(
+        vbest.path.join("model_expgroup_0.safetensors").is_file(),
+        "the .safetensors-only baseline was found and kept in its format"
+    );
+    assert_eq!(
+        std::fs::read_dir(b.run_dir.join("validator_checkpoint"))
+            .unwrap()
+            .count(),
         1,
         "the refused candidate left nothing behind"
     );
@@ -392,7 +463,10 @@ async fn a_hub_cycle_with_the_copy_guard_submits_and_a_copier_sees_nothing_befor
     assert!(ok(&c1), "{c1:#?}");
     assert_eq!(c1.hf_repo, REPO);
     assert_eq!(c1.hf_revision.len(), 7);
-    assert!(c1.bytes_total > 0 && c1.bytes_done == c1.bytes_total, "{c1:#?}");
+    assert!(
+        c1.bytes_total > 0 && c1.bytes_done == c1.bytes_total,
+        "{c1:#?}"
+    );
     let c2 = b.job(pb::JobKind::Commit2).await;
     assert!(ok(&c2), "{c2:#?}");
     assert_eq!(c2.hf_revision, c1.hf_revision);
@@ -423,12 +497,18 @@ async fn a_hub_cycle_with_the_copy_guard_submits_and_a_copier_sees_nothing_befor
         .iter()
         .filter(|(at, _, ok, _)| *ok && *at <= mc1_end)
         .collect();
-    assert!(leaks.is_empty(), "the copier saw {leaks:?} by block {mc1_end}");
+    assert!(
+        leaks.is_empty(),
+        "the copier saw {leaks:?} by block {mc1_end}"
+    );
     let polled_in_mc1 = seen
         .iter()
         .filter(|(at, _, _, _)| *at + periods().commit_period > mc1_end && *at <= mc1_end)
         .count();
-    assert!(polled_in_mc1 > 0, "the copier polled during MinerCommit1: {seen:?}");
+    assert!(
+        polled_in_mc1 > 0,
+        "the copier polled during MinerCommit1: {seen:?}"
+    );
     let over = seen
         .iter()
         .find(|(at, _, _, _)| *at > mc1_end)
@@ -604,10 +684,18 @@ async fn a_repo_that_cannot_be_made_public_misses_commit2_and_stays_private() {
     assert!(!after.contains("\"rv\""), "no commit-2: {after}");
     let e = b
         .anon()
-        .head_file(&REPO.parse().unwrap(), RepoType::Model, "main", "model_expgroup_0.pt")
+        .head_file(
+            &REPO.parse().unwrap(),
+            RepoType::Model,
+            "main",
+            "model_expgroup_0.safetensors",
+        )
         .await
         .unwrap_err();
-    assert!(matches!(e, HubError::Unauthorized { .. } | HubError::NotFound { .. }), "{e}");
+    assert!(
+        matches!(e, HubError::Unauthorized { .. } | HubError::NotFound { .. }),
+        "{e}"
+    );
     b.stop().await;
 }
 
@@ -655,5 +743,38 @@ async fn a_validator_revision_without_the_file_is_refused_and_leaves_nothing() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     let _ = &b.wrong;
+    b.stop().await;
+}
+
+/// A baseline published only as `.pt`: the miner falls back to it (and, by default, the
+/// other tests' baselines are only `.safetensors`, which the stock miner never asks for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_baseline_published_only_as_pt_is_downloaded() {
+    let _serial = SERIAL.lock().await;
+    let b = setup(Opts {
+        baseline_pt: true,
+        ..Default::default()
+    })
+    .await;
+    let dl = b.job(pb::JobKind::Download).await;
+    assert!(ok(&dl), "{dl:#?}");
+    assert_eq!(dl.model_hash, b.vhash);
+    let v = b.run.best_validator().unwrap().expect("baseline published");
+    assert!(
+        v.path.join("model_expgroup_0.pt").is_file(),
+        "{}",
+        v.path.display()
+    );
+    let asked: Vec<String> = b
+        .hub
+        .requests()
+        .iter()
+        .filter(|r| r.route == HubRoute::ResolveHead && r.path.contains(&b.good_repo))
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        asked[0].ends_with(".safetensors") && asked.iter().any(|p| p.ends_with(".pt")),
+        ".safetensors asked first, then .pt: {asked:?}"
+    );
     b.stop().await;
 }

@@ -28,7 +28,11 @@ async fn hub() -> HubStandIn {
         tokens: vec![
             ("hf_write".into(), "miner".into(), true),
             ("hf_read".into(), "miner".into(), false),
-            ("hf_long".into(), "a-rather-long-hugging-face-user".into(), true),
+            (
+                "hf_long".into(),
+                "a-rather-long-hugging-face-user".into(),
+                true,
+            ),
         ],
         ..Default::default()
     })
@@ -99,7 +103,12 @@ async fn expect_64(edit: impl FnOnce(&mut MinerConfig), token: Option<&str>, wan
 
 #[tokio::test]
 async fn no_token_exits_64_naming_the_variable() {
-    expect_64(|_| {}, None, &["hf.token_env_var", "HF_TOKEN", "--transport http"]).await;
+    expect_64(
+        |_| {},
+        None,
+        &["hf.token_env_var", "HF_TOKEN", "--transport http"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -129,7 +138,11 @@ async fn a_derived_repo_over_32_characters_exits_64() {
     expect_64(
         |_| {},
         Some("hf_long"),
-        &["hf.default_repo_name", "34 characters", "hf.checkpoint_repo"],
+        &[
+            "hf.default_repo_name",
+            "34 characters",
+            "hf.checkpoint_repo",
+        ],
     )
     .await;
 }

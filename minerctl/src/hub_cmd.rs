@@ -260,12 +260,18 @@ fn group_for(a: &PullArgs) -> Result<ExpertGroup, CliError> {
     if let Some(path) = &a.path {
         let (cfg, file, dir) = load_config(path)?;
         let g = cfg.expert_group(Some(&dir)).map_err(|e| {
-            CliError::new(Exit::Usage, format!("{}: task.expert_group_name: {e}", file.display()))
+            CliError::new(
+                Exit::Usage,
+                format!("{}: task.expert_group_name: {e}", file.display()),
+            )
         })?;
         if g.group_id != a.group {
             return Err(CliError::new(
                 Exit::Usage,
-                format!("the run directory's expert group is {}, not {}", g.group_id, a.group),
+                format!(
+                    "the run directory's expert group is {}, not {}",
+                    g.group_id, a.group
+                ),
             ));
         }
         return Ok(g);
@@ -277,7 +283,10 @@ fn group_for(a: &PullArgs) -> Result<ExpertGroup, CliError> {
         .ok_or_else(|| {
             CliError::new(
                 Exit::Usage,
-                format!("no built-in expert group {} (pass --path RUN for its definition)", a.group),
+                format!(
+                    "no built-in expert group {} (pass --path RUN for its definition)",
+                    a.group
+                ),
             )
         })
 }
@@ -289,14 +298,21 @@ async fn pull(a: &PullArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let repo: RepoId = repo
         .parse()
         .map_err(|e: miner_hub::InvalidRepoId| CliError::new(Exit::Usage, e.to_string()))?;
-    if rev.is_empty() || rev.len() > 100 || !rev.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)) {
+    if rev.is_empty()
+        || rev.len() > 100
+        || !rev
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+    {
         return Err(CliError::new(Exit::Usage, format!("bad revision {rev:?}")));
     }
     let expected = match &a.hash {
-        Some(h) => Some(
-            h.parse()
-                .map_err(|_| CliError::new(Exit::Usage, format!("--hash {h:?} is not 48 hex characters")))?,
-        ),
+        Some(h) => Some(h.parse().map_err(|_| {
+            CliError::new(
+                Exit::Usage,
+                format!("--hash {h:?} is not 48 hex characters"),
+            )
+        })?),
         None => None,
     };
     let group = group_for(a)?;

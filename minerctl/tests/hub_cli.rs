@@ -40,7 +40,9 @@ fn shard(seed: u16) -> BTreeMap<String, Tensor> {
     let mut m = BTreeMap::new();
     for e in [22u16, 17] {
         let data = (0..64 * 32)
-            .flat_map(|i: u16| (0x3000u16 | (i.wrapping_mul(7).wrapping_add(seed + e) & 0x3FF)).to_le_bytes())
+            .flat_map(|i: u16| {
+                (0x3000u16 | (i.wrapping_mul(7).wrapping_add(seed + e) & 0x3FF)).to_le_bytes()
+            })
             .collect();
         m.insert(
             format!("model.layers.1.mlp.experts.{e}.down_proj"),
@@ -74,7 +76,9 @@ async fn check_push_and_pull_a_shard() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
-    MinerConfig::new_run("miners", "miner_1", "r").write(&run).unwrap();
+    MinerConfig::new_run("miners", "miner_1", "r")
+        .write(&run)
+        .unwrap();
     let path = run.display().to_string();
 
     // check: a write token passes; the repo does not exist yet.
@@ -86,7 +90,10 @@ async fn check_push_and_pull_a_shard() {
     .await;
     let (so, se) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{so}{se}");
-    assert!(so.contains("miner/co") && so.contains("not created yet"), "{so}");
+    assert!(
+        so.contains("miner/co") && so.contains("not created yet"),
+        "{so}"
+    );
     // A read-only token: 64, one line, the token not printed.
     let o = minerctl(
         vec!["hub".into(), "check".into(), "--path".into(), path.clone()],
@@ -120,10 +127,20 @@ async fn check_push_and_pull_a_shard() {
     assert_eq!(field(&so, "r "), "miner/co");
     let rv = field(&so, "rv ").to_owned();
     assert_eq!(rv.len(), 7);
-    assert!(h.head("miner/co", RepoKind::Model).unwrap().starts_with(&rv));
+    assert!(
+        h.head("miner/co", RepoKind::Model)
+            .unwrap()
+            .starts_with(&rv)
+    );
     // check now says public.
     let o = minerctl(
-        vec!["hub".into(), "check".into(), "--path".into(), path.clone(), "--json".into()],
+        vec![
+            "hub".into(),
+            "check".into(),
+            "--path".into(),
+            path.clone(),
+            "--json".into(),
+        ],
         Some("hf_write"),
         &ep,
     )
@@ -161,7 +178,8 @@ async fn check_push_and_pull_a_shard() {
     assert!(se.contains("differs from the committed hash"), "{se}");
     assert_eq!(std::fs::read_dir(&dir2).unwrap().count(), 0, "nothing left");
     // A revision without the file: 66.
-    h.put_file("other/x", RepoKind::Model, "README.md", b"x").unwrap();
+    h.put_file("other/x", RepoKind::Model, "README.md", b"x")
+        .unwrap();
     let o = minerctl(
         vec![
             "hub".into(),

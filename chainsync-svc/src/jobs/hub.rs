@@ -37,10 +37,16 @@ const HUB_RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// Where this cycle's upload stands (COMMIT1 sends, COMMIT2 waits).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum UploadState {
-    Running { done: u64, total: u64 },
+    Running {
+        done: u64,
+        total: u64,
+    },
     Done(Uploaded),
     /// `missed`: it could not finish inside MinerCommit2 (rather than failing).
-    Failed { missed: bool, reason: String },
+    Failed {
+        missed: bool,
+        reason: String,
+    },
 }
 
 /// A finished upload: the shard is in `repo` at commit `oid`.
@@ -71,9 +77,9 @@ pub(crate) fn own_shard(dir: &Path, gid: u32) -> (PathBuf, String) {
 /// `, the miner's fault: ...` for errors only the operator can fix.
 fn fault(e: &HubError, repo: &RepoId) -> String {
     match e {
-        HubError::Unauthorized { .. } | HubError::Forbidden { .. } => format!(
-            " (the miner's fault: the token cannot write to {repo}; it needs write access)"
-        ),
+        HubError::Unauthorized { .. } | HubError::Forbidden { .. } => {
+            format!(" (the miner's fault: the token cannot write to {repo}; it needs write access)")
+        }
         _ => String::new(),
     }
 }
@@ -356,7 +362,10 @@ impl Engine {
             let state = rx.borrow_and_update().clone();
             match state {
                 UploadState::Done(u) => return Ok(u),
-                UploadState::Failed { missed: true, reason } => {
+                UploadState::Failed {
+                    missed: true,
+                    reason,
+                } => {
                     return Err(End::Missed(format!("nothing committed: {reason}")));
                 }
                 UploadState::Failed { reason, .. } => {
@@ -466,7 +475,12 @@ impl Engine {
         let took = t0.elapsed();
         if up.file.ends_with(".pt") {
             let st = ShardKind::Safetensors.file_name(self.s.expert_group.group_id);
-            if hub.anon.head_file(&up.repo, KIND, &up.rv, &st).await.is_ok() {
+            if hub
+                .anon
+                .head_file(&up.repo, KIND, &up.rv, &st)
+                .await
+                .is_ok()
+            {
                 return Err(End::Failed(format!(
                     "{}@{} also holds {st}, which validators read before {}: remove it from the repo; nothing committed",
                     up.repo, up.rv, up.file
@@ -604,8 +618,11 @@ impl Engine {
         best: miner_contract::CheckpointEntry,
         info: &PhaseInfo,
     ) -> miner_contract::CheckpointEntry {
-        let span = i64::try_from(info.cycle_length.saturating_mul(self.s.version_range_cycles))
-            .unwrap_or(i64::MAX);
+        let span = i64::try_from(
+            info.cycle_length
+                .saturating_mul(self.s.version_range_cycles),
+        )
+        .unwrap_or(i64::MAX);
         let min = i64::try_from(info.phase_start_block)
             .unwrap_or(i64::MAX)
             .saturating_sub(span);

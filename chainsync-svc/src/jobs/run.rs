@@ -319,15 +319,20 @@ impl Engine {
             note_hash(&cand.model_hash);
             if let Err(why) = check_peer_address(&cand.axon_ip, self.s.peer_addresses) {
                 tracing::warn!(validator = %cand.hotkey, reason = %why, "validator candidate refused");
-                errors.push(format!("validator {}:{}: {why}", cand.axon_ip, cand.axon_port));
+                errors.push(format!(
+                    "validator {}:{}: {why}",
+                    cand.axon_ip, cand.axon_port
+                ));
                 continue;
             }
             // A manual download (LoadBaseline) is not bound by a phase: it gets one cycle.
-            let deadline = Some(if progress.lock().unwrap_or_else(|p| p.into_inner()).manual {
-                tokio::time::Instant::now() + self.manual_download_limit()
-            } else {
-                self.deadline_for(info.phase_end_block)
-            });
+            let deadline = Some(
+                if progress.lock().unwrap_or_else(|p| p.into_inner()).manual {
+                    tokio::time::Instant::now() + self.manual_download_limit()
+                } else {
+                    self.deadline_for(info.phase_end_block)
+                },
+            );
             let origin_block = self.head().max(info.block);
             let fetched = match &self.hub {
                 Some(hub) => self.download_hub(hub, progress, cand, deadline).await,

@@ -26,9 +26,7 @@ use std::time::Duration;
 
 use miner_contract::hash::ModelHash;
 use miner_contract::pt::{PtError, TensorMeta};
-use miner_contract::shard::{
-    ShardCheck, ShardFollower, ShardFormat, ShardLayout, shard_file_name,
-};
+use miner_contract::shard::{ShardCheck, ShardFollower, ShardFormat, ShardLayout, shard_file_name};
 use miner_contract::{ExpertGroup, PublishInfo, Published, RunDir, Staged};
 use miner_keys::Hotkey;
 use tokio::time::Instant;

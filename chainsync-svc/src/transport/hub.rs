@@ -379,9 +379,15 @@ pub async fn fetch_into(
             let Some(bytes) = chunk else { break };
             got += bytes.len() as u64;
             if got > size || got > MAX_SHARD_BYTES {
-                return Err(HubFetchError::TooLarge { hotkey: hotkey.to_owned(), file: name.clone(), size: got });
+                return Err(HubFetchError::TooLarge {
+                    hotkey: hotkey.to_owned(),
+                    file: name.clone(),
+                    size: got,
+                });
             }
-            pipe.send(bytes.to_vec()).await.map_err(|r| local(&file_path, r))?;
+            pipe.send(bytes.to_vec())
+                .await
+                .map_err(|r| local(&file_path, r))?;
             seen.bytes_done = got;
             progress(&seen);
         }
