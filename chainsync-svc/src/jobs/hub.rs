@@ -669,3 +669,35 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// A commit-1 included in MinerCommit1's last block is seen by its job only in the block
+    /// MinerCommit2 starts with: while this cycle's COMMIT1 is still running and has not
+    /// recorded its commitment, COMMIT2 waits for it (inside its own phase).
+    pub(crate) async fn wait_commit1(&self, info: &PhaseInfo) {
+        let cycle = info.cycle_index;
+        let poll = async {
+            loop {
+                if self
+                    .commit
+                    .lock()
+                    .await
+                    .as_ref()
+                    .is_some_and(|c| c.cycle == cycle)
+                {
+                    return;
+                }
+                match self.log.find(JobKind::Commit1, cycle) {
+                    Some(r) if r.outcome == JobOutcome::Running => {}
+                    _ => return,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = poll => {}
+            _ = self.block_past(info.phase_end_block) => {}
+            _ = self.jobs_cancel.cancelled() => {}
+        }
+    }
+}

@@ -317,7 +317,10 @@ impl Engine {
                 r.global_ver = Some(cand.global_ver);
             }
             note_hash(&cand.model_hash);
-            if let Err(why) = check_peer_address(&cand.axon_ip, self.s.peer_addresses) {
+            // The axon matters only to the HTTP route; over the Hub the validator's repo does.
+            if self.hub.is_none()
+                && let Err(why) = check_peer_address(&cand.axon_ip, self.s.peer_addresses)
+            {
                 tracing::warn!(validator = %cand.hotkey, reason = %why, "validator candidate refused");
                 errors.push(format!(
                     "validator {}:{}: {why}",
@@ -670,6 +673,7 @@ impl Engine {
     }
 
     async fn commit2(&self, progress: &std::sync::Mutex<JobRecord>, info: &PhaseInfo) -> End {
+        self.wait_commit1(info).await;
         let Some((path, hex, global_ver)) = self.cycle_commit(info.cycle_index).await else {
             return End::Skipped("no MinerCommit1 commitment this cycle".into());
         };
