@@ -12,9 +12,12 @@
 //!   most [`MAX_REDIRECTS`] times and never from https to http.
 //! * **Clear errors.** [`HubError`]'s `Display` is one line; strings from the network are escaped.
 //!
-//! Why not the `hf-hub` crate: `hf-hub` 1.0 uploads only through Xet storage (no LFS `basic` /
-//! `multipart` transfer), which our stand-in and the Connito reference path (huggingface_hub without
-//! `hf_xet`) do not use; see the crate README of this workspace.
+//! Why not the `hf-hub` crate (Hugging Face's own, 1.0.0, read from its source): its upload offers
+//! `["basic", "multipart", "xet"]` to the LFS batch but only transfers when the Hub picks `xet`
+//! (through the `hf-xet` 1.5 dependency); otherwise it logs a warning and commits the file inline
+//! as base64 after `std::fs::read` of the whole file, so a 1 GiB shard would sit in memory (x2.3)
+//! and no `basic`/`multipart` PUT is ever made. We need LFS `basic`/`multipart` (what
+//! huggingface_hub without `hf_xet` does, and what the stand-in serves), streaming from disk.
 
 mod client;
 mod download;
@@ -136,6 +139,8 @@ pub struct HubConfig {
     pub retry_deadline: Duration,
     /// Upload slice size for basic PUTs and multipart parts when streaming from disk.
     pub io_buffer: usize,
+    /// Multipart part PUTs in flight at once (each holds at most ~5 `io_buffer`s).
+    pub parallel_parts: usize,
 }
 
 impl std::fmt::Debug for HubConfig {
@@ -147,6 +152,7 @@ impl std::fmt::Debug for HubConfig {
             .field("read_timeout", &self.read_timeout)
             .field("max_retries", &self.max_retries)
             .field("retry_deadline", &self.retry_deadline)
+            .field("parallel_parts", &self.parallel_parts)
             .finish()
     }
 }
@@ -160,7 +166,8 @@ impl Default for HubConfig {
             read_timeout: Duration::from_secs(60),
             max_retries: 5,
             retry_deadline: Duration::from_secs(120),
-            io_buffer: 256 << 10,
+            io_buffer: 1 << 20,
+            parallel_parts: 4,
         }
     }
 }

@@ -66,7 +66,9 @@ fn check_repo_path(p: &str) -> Result<(), HubError> {
     }
 }
 
-/// The request body for one slice of a local file, streamed; progress counts bytes sent.
+/// The request body for one slice of a local file, streamed: a blocking reader thread fills
+/// `buf`-sized chunks into a channel of 4 (so at most ~5 buffers are in memory); progress counts
+/// bytes handed to the connection.
 fn file_slice_body(
     path: &Path,
     offset: u64,
@@ -74,17 +76,36 @@ fn file_slice_body(
     buf: usize,
     progress: Option<Arc<watch::Sender<u64>>>,
 ) -> Result<reqwest::Body, HubError> {
-    use futures::StreamExt;
-    use tokio::io::AsyncReadExt;
     let mut f = std::fs::File::open(path).map_err(|e| HubError::io(path, e))?;
     f.seek(SeekFrom::Start(offset))
         .map_err(|e| HubError::io(path, e))?;
-    let reader = tokio::fs::File::from_std(f).take(len);
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, buf).map(move |r| {
-        if let (Ok(b), Some(p)) = (&r, &progress) {
-            p.send_modify(|v| *v += b.len() as u64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let buf = buf.max(4096);
+    tokio::task::spawn_blocking(move || {
+        let mut left = len;
+        while left > 0 {
+            let mut chunk = vec![0u8; buf.min(left as usize)];
+            let r = f.read_exact(&mut chunk).map(|()| bytes::Bytes::from(chunk));
+            let failed = r.is_err();
+            left -= if failed {
+                left
+            } else {
+                buf.min(left as usize) as u64
+            };
+            if tx.blocking_send(r).is_err() || failed {
+                return; // the request was dropped, or the file ended early
+            }
         }
-        r
+    });
+    let stream = futures::stream::unfold(rx, move |mut rx| {
+        let progress = progress.clone();
+        async move {
+            let item = rx.recv().await?;
+            if let (Ok(b), Some(p)) = (&item, &progress) {
+                p.send_modify(|v| *v += b.len() as u64);
+            }
+            Some((item, rx))
+        }
     });
     Ok(reqwest::Body::wrap_stream(stream))
 }
@@ -111,7 +132,9 @@ impl HubClient {
         let file = tokio::task::spawn_blocking(move || hash_file(&owned))
             .await
             .map_err(|e| HubError::Config(format!("hashing task: {e}")))??;
+        tracing::debug!(size = file.size, "Hub upload: hashed");
         let mode = self.preupload(repo, kind, path_in_repo, &file).await?;
+        tracing::debug!(%mode, "Hub upload: preupload done");
         let progress = progress.map(Arc::new);
         let op = if mode == "regular" && file.size <= MAX_REGULAR_BYTES {
             let bytes = tokio::fs::read(local)
@@ -131,6 +154,7 @@ impl HubClient {
             }
         } else {
             self.lfs_upload(repo, kind, local, &file, progress).await?;
+            tracing::debug!("Hub upload: LFS transfer done");
             CommitOp::Lfs {
                 sha256: file.sha256.clone(),
                 size: file.size,
@@ -289,31 +313,46 @@ impl HubClient {
                 "multipart asks for {n} parts (> {MAX_PARTS})"
             )));
         }
-        let mut parts = Vec::with_capacity(n as usize);
+        let mut urls = Vec::with_capacity(n as usize);
         for i in 1..=n {
-            let part_url = hdr
+            let url = hdr
                 .get(i.to_string())
                 .and_then(|u| u.as_str())
                 .ok_or_else(|| {
                     HubError::Protocol(format!("multipart header lacks the URL of part {i} of {n}"))
                 })?;
-            let offset = (i - 1) * chunk;
-            let len = chunk.min(file.size - offset);
-            let buf = self.cfg.io_buffer;
-            let resp = self
-                .send(part_url, || {
-                    let body = file_slice_body(local, offset, len, buf, progress.clone())?;
-                    Ok(self
-                        .http
-                        .put(part_url)
-                        .header(header::CONTENT_LENGTH, len)
-                        .body(body))
-                })
-                .await?;
-            let etag = crate::client::header_str(&resp, "etag")
-                .ok_or_else(|| HubError::Protocol(format!("part {i} PUT reply has no ETag")))?;
-            parts.push(json!({"partNumber": i, "etag": etag}));
+            urls.push((i, url.to_string()));
         }
+        // Up to `parallel_parts` part PUTs at once, each retried on its own; ETags kept in order.
+        let puts = urls.into_iter().map(|(i, part_url)| {
+            let progress = progress.clone();
+            async move {
+                let offset = (i - 1) * chunk;
+                let len = chunk.min(file.size - offset);
+                let buf = self.cfg.io_buffer;
+                let resp = self
+                    .send(&part_url, || {
+                        let body = file_slice_body(local, offset, len, buf, progress.clone())?;
+                        Ok(self
+                            .http
+                            .put(&part_url)
+                            .header(header::CONTENT_LENGTH, len)
+                            .body(body))
+                    })
+                    .await?;
+                let etag = crate::client::header_str(&resp, "etag")
+                    .ok_or_else(|| HubError::Protocol(format!("part {i} PUT reply has no ETag")))?;
+                Ok::<_, HubError>(json!({"partNumber": i, "etag": etag}))
+            }
+        });
+        use futures::StreamExt;
+        let parts: Vec<Value> = futures::stream::iter(puts)
+            .buffered(self.cfg.parallel_parts.max(1))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        tracing::debug!(parts = parts.len(), "Hub upload: parts sent");
         let body = json!({"oid": file.sha256, "parts": parts});
         self.send(href, || {
             Ok(self

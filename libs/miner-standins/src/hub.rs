@@ -313,23 +313,24 @@ impl Hub {
         size >= self.opts.lfs_threshold || LFS_EXT.iter().any(|e| path.ends_with(e))
     }
 
-    /// Takes the action of the first armed fault on `route`, if one is due.
+    /// Counts a request of `route` against every armed fault on it (each counts from when it was
+    /// injected) and takes the action of the first one due.
     fn due_fault(&self, route: HubRoute) -> Option<FaultAction> {
         let mut faults = self.faults.lock().unwrap();
-        let i = faults
-            .iter()
-            .position(|f| f.route == route && f.times > 0)?;
-        let f = &mut faults[i];
-        if f.skip > 0 {
-            f.skip -= 1;
-            return None;
+        let mut action = None;
+        for f in faults
+            .iter_mut()
+            .filter(|f| f.route == route && f.times > 0)
+        {
+            if f.skip > 0 {
+                f.skip -= 1;
+            } else if action.is_none() {
+                f.times -= 1;
+                action = Some(f.action.clone());
+            }
         }
-        f.times -= 1;
-        let action = f.action.clone();
-        if f.times == 0 {
-            faults.remove(i);
-        }
-        Some(action)
+        faults.retain(|f| f.times > 0);
+        action
     }
 }
 

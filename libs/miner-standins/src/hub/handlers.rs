@@ -1,5 +1,7 @@
 //! Routing and the Hub's JSON/resolve/tree routes, with the Hub's access rules and error headers
 //! (`X-Error-Code`, `X-Error-Message`) that huggingface_hub maps to its exception types.
+// Handlers return `Result<Response, Response>`: the error side is the HTTP answer itself.
+#![allow(clippy::result_large_err)]
 
 use super::store::{self, Entry, RepoKind, StoreError};
 use super::{Hub, HubRoute};
@@ -374,18 +376,11 @@ async fn settings(ctx: &Ctx, kind: RepoKind, repo: &str, body: Body) -> HResult 
         (Some("public"), _) | (None, Some(false)) => Some(false),
         _ => None,
     };
-    if let Some(p) = private {
-        if let Some(r) = ctx
-            .hub
-            .store
-            .lock()
-            .unwrap()
-            .repos
-            .get_mut(&(kind, repo.to_string()))
-        {
-            r.private = p;
-        }
+    let mut st = ctx.hub.store.lock().unwrap();
+    if let (Some(p), Some(r)) = (private, st.repos.get_mut(&(kind, repo.to_string()))) {
+        r.private = p;
     }
+    drop(st);
     Ok(json_resp(200, json!({})))
 }
 
@@ -769,4 +764,56 @@ async fn serve_file(ctx: &Ctx, path: &Path, size: u64) -> HResult {
         }
     };
     Ok(b.body(body).unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-", 10), Some(Ok((0, 10))));
+        assert_eq!(parse_range("bytes=4-", 10), Some(Ok((4, 6))));
+        assert_eq!(parse_range("bytes=2-3", 10), Some(Ok((2, 2))));
+        assert_eq!(parse_range("bytes=2-99", 10), Some(Ok((2, 8))));
+        assert_eq!(parse_range("bytes=-3", 10), Some(Ok((7, 3))));
+        assert_eq!(parse_range("bytes=10-", 10), Some(Err(())));
+        assert_eq!(parse_range("bytes=5-2", 10), Some(Err(())));
+        assert_eq!(
+            parse_range("bytes=0-1,3-4", 10),
+            None,
+            "multi-range: whole file"
+        );
+        assert_eq!(parse_range("items=0-1", 10), None);
+    }
+
+    #[test]
+    fn paths_classify_like_the_hub() {
+        let get = Method::GET;
+        let (r, t) = parse(&get, "/datasets/a/b/resolve/main/dir/x%20y.bin", false);
+        assert_eq!(
+            (r, t.kind, t.repo.as_str(), t.rev.as_str(), t.file.as_str()),
+            (
+                HubRoute::ResolveGet,
+                Some(RepoKind::Dataset),
+                "a/b",
+                "main",
+                "dir/x y.bin"
+            )
+        );
+        let (r, t) = parse(&Method::POST, "/a/b.git/info/lfs/objects/batch", false);
+        assert_eq!(
+            (r, t.kind, t.repo.as_str()),
+            (HubRoute::LfsBatch, Some(RepoKind::Model), "a/b")
+        );
+        let (r, t) = parse(&get, "/api/models/a/b/revision/refs%2Fpr%2F1", false);
+        assert_eq!((r, t.rev.as_str()), (HubRoute::RepoInfo, "refs/pr/1"));
+        assert_eq!(
+            parse(&get, "/api/datasets/a/b/tree/main/sub", false).1.file,
+            "sub"
+        );
+        assert_eq!(parse(&Method::PUT, "/upload/u1/part/3", true).1.part, 3);
+        assert_eq!(classify(&get, "/upload/u1", true), HubRoute::Unknown);
+        assert_eq!(classify(&get, "/%zz/%", false), HubRoute::Unknown);
+    }
 }

@@ -78,6 +78,8 @@ pub struct Repo {
 pub struct Store {
     pub repos: HashMap<(RepoKind, String), Repo>,
     pub uploads: HashMap<String, Upload>,
+    /// Upload ids are never reused.
+    pub next_upload: u64,
     counter: u64,
 }
 
@@ -232,4 +234,55 @@ pub struct Upload {
     pub chunk: Option<u64>,
     /// ETags of received parts, index = part number - 1.
     pub part_etags: Vec<Option<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_resolve_by_branch_full_oid_and_unique_prefix() {
+        let mut st = Store::default();
+        assert!(st.create(RepoKind::Model, "a/b", false));
+        assert!(!st.create(RepoKind::Model, "a/b", true), "exists");
+        let e = Entry::new(1, "00".repeat(32), true, None);
+        let oid = st
+            .commit(RepoKind::Model, "a/b", "x", vec![("f".into(), Some(e))])
+            .unwrap();
+        let repo = st.get(RepoKind::Model, "a/b").unwrap();
+        assert_eq!(repo.resolve("main").unwrap().oid, oid);
+        assert_eq!(repo.resolve(&oid).unwrap().oid, oid);
+        assert_eq!(repo.resolve(&oid[..7]).unwrap().oid, oid);
+        assert_eq!(repo.resolve(&oid[..7].to_uppercase()).unwrap().oid, oid);
+        assert!(repo.resolve(&oid[..6]).is_err(), "shorter than 7");
+        assert!(repo.resolve("nothex1").is_err());
+        assert!(repo.resolve("dev").is_err());
+        let first = &repo.commits[0];
+        assert!(
+            first.files.contains_key(".gitattributes"),
+            "initial commit like the Hub's"
+        );
+        assert!(
+            !repo
+                .resolve(&first.oid[..7])
+                .unwrap()
+                .files
+                .contains_key("f"),
+            "old revisions stay"
+        );
+    }
+
+    #[test]
+    fn deleting_a_missing_file_is_refused() {
+        let mut st = Store::default();
+        st.create(RepoKind::Dataset, "a/d", false);
+        assert!(matches!(
+            st.commit(RepoKind::Dataset, "a/d", "x", vec![("nope".into(), None)]),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            st.commit(RepoKind::Model, "a/d", "x", vec![]),
+            Err(StoreError::RepoNotFound)
+        ));
+    }
 }
