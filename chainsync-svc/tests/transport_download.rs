@@ -16,6 +16,7 @@ use chainsync_svc::transport::{
     Backoff, RetryPolicy, TransportError, download_checkpoint, http_client,
 };
 use miner_contract::pt::{DType, Tensor};
+use miner_contract::shard::{ShardFormat, shard_file_name};
 use miner_contract::{Published, RunDir};
 use miner_keys::Hotkey;
 use miner_standins::{Faults, ValidatorStandIn};
@@ -31,6 +32,7 @@ struct Setup {
     v: ValidatorStandIn,
     hash: String,
     served: PathBuf,
+    format: ShardFormat,
 }
 
 /// A validator stand-in (//Alice) serving `serve_file`, not checking phases.
@@ -48,9 +50,17 @@ async fn stand_in(dir: &Path, serve_file: Option<PathBuf>) -> ValidatorStandIn {
 }
 
 async fn setup(tensors: BTreeMap<String, Tensor>) -> Setup {
+    setup_as(tensors, ShardFormat::Pt).await
+}
+
+/// The stand-in serves `tensors` as a shard in `format` (the route names no file: the miner
+/// tells the format from the bytes).
+async fn setup_as(tensors: BTreeMap<String, Tensor>, format: ShardFormat) -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let served = tmp.path().join("served_model_expgroup_0.pt");
-    let hash = write_shard(&served, &tensors).to_hex();
+    let served = tmp.path().join(format!("served_model_expgroup_0.{format}"));
+    let hash = miner_contract::shard::write_shard_tensors(&served, format, &tensors)
+        .expect("write shard")
+        .to_hex();
     let run = RunDir::create(&tmp.path().join("run")).expect("run dir");
     let v = stand_in(tmp.path(), Some(served.clone())).await;
     Setup {
@@ -59,6 +69,7 @@ async fn setup(tensors: BTreeMap<String, Tensor>) -> Setup {
         v,
         hash,
         served,
+        format,
     }
 }
 
@@ -115,7 +126,7 @@ fn assert_nothing_left(s: &Setup) {
 
 /// The published file is the served one, and the run lists it as a verified validator checkpoint.
 fn assert_published_intact(s: &Setup, published: &Published) {
-    let file = published.path.join("model_expgroup_0.pt");
+    let file = published.path.join(shard_file_name(0, s.format));
     assert_eq!(
         std::fs::read(&file).expect("published file"),
         std::fs::read(&s.served).expect("served file")
@@ -129,6 +140,8 @@ fn assert_published_intact(s: &Setup, published: &Published) {
         entry.is_verified(),
         "published download must be marked verified"
     );
+    assert_eq!(entry.model_format(), Some(s.format));
+    assert_eq!(entry.model_path(), Some(file));
 }
 
 /// `t` plus a copy of its first tensor under the name [`FOREIGN`].
@@ -417,8 +430,11 @@ fn big_tensors(seed: u16, extra_mib: usize) -> BTreeMap<String, Tensor> {
 /// Serves `tensors` but stalls after the first MiB (the tensor list is at the front): the
 /// download must be refused from the part that arrived, without waiting for the stalled rest
 /// (20 s idle timeout) and without a retry, leaving nothing. Returns the refusal.
-async fn refused_while_streaming(tensors: BTreeMap<String, Tensor>) -> TransportError {
-    let s = setup(tensors).await;
+async fn refused_while_streaming(
+    tensors: BTreeMap<String, Tensor>,
+    format: ShardFormat,
+) -> TransportError {
+    let s = setup_as(tensors, format).await;
     s.v.set_faults(Faults {
         stall_after_bytes: Some(1 << 20),
         ..Faults::default()
@@ -440,8 +456,10 @@ async fn refused_while_streaming(tensors: BTreeMap<String, Tensor>) -> Transport
 
 #[tokio::test]
 async fn foreign_keys_are_refused_while_the_file_still_arrives() {
-    let err = refused_while_streaming(with_foreign_key(big_tensors(11, 8))).await;
-    assert_foreign_key(&err);
+    for format in ShardFormat::PREFERENCE {
+        let err = refused_while_streaming(with_foreign_key(big_tensors(11, 8)), format).await;
+        assert_foreign_key(&err);
+    }
 }
 
 #[tokio::test]
@@ -451,26 +469,36 @@ async fn non_finite_values_are_refused_while_the_file_still_arrives() {
     let first = t.values_mut().next().expect("a tensor");
     first.data[2..4].copy_from_slice(&0x7E00u16.to_le_bytes());
     let name = t.keys().next().cloned().expect("a name");
-    match &refused_while_streaming(t).await {
-        TransportError::Rejected {
-            source: VerifyError::NonFinite { name: n },
-            ..
-        } => assert_eq!(n, &name),
-        other => panic!("expected a non-finite rejection, got {other}"),
+    for format in ShardFormat::PREFERENCE {
+        match &refused_while_streaming(t.clone(), format).await {
+            TransportError::Rejected {
+                source: VerifyError::NonFinite { name: n },
+                ..
+            } => assert_eq!(n, &name),
+            other => panic!("expected a non-finite rejection, got {other}"),
+        }
     }
 }
 
 #[tokio::test]
 async fn a_large_file_is_verified_while_streaming_and_published_intact() {
-    let s = setup(big_tensors(13, 24)).await;
+    for format in ShardFormat::PREFERENCE {
+        large_file_round(format).await;
+    }
+}
+
+async fn large_file_round(format: ShardFormat) {
+    let s = setup_as(big_tensors(13, 24), format).await;
     let published = s
         .fetch(&s.candidate(), &fast_policy(0, 20_000))
         .await
         .expect("download succeeds");
     assert_published_intact(&s, &published);
-    let file = published.path.join("model_expgroup_0.pt");
+    let file = published.path.join(shard_file_name(0, format));
     assert_eq!(
-        miner_contract::hash::hash_pt_file(&file).unwrap().to_hex(),
+        miner_contract::shard::hash_shard_file(&file)
+            .unwrap()
+            .to_hex(),
         s.hash
     );
     let m = s
@@ -479,4 +507,86 @@ async fn a_large_file_is_verified_while_streaming_and_published_intact() {
         .unwrap()
         .expect("a validator checkpoint");
     assert_eq!(m.manifest.as_ref().unwrap().model_hash.to_hex(), s.hash);
+}
+
+#[tokio::test]
+async fn a_safetensors_baseline_publishes_as_model_expgroup_safetensors() {
+    let s = setup_as(expert_tensors(21), ShardFormat::Safetensors).await;
+    let published = s
+        .fetch(&s.candidate(), &fast_policy(0, 5000))
+        .await
+        .expect("download succeeds");
+    assert_published_intact(&s, &published);
+    let names: Vec<String> = std::fs::read_dir(&published.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"model_expgroup_0.safetensors".to_string())
+            && !names
+                .iter()
+                .any(|n| n.ends_with(".pt") || n.ends_with(".download")),
+        "{names:?}"
+    );
+}
+
+/// Refused content in the safetensors format: a dtype the model does not use, junk after the
+/// last tensor, a file that is neither format. Each is refused (not retried), nothing is left.
+#[tokio::test]
+async fn bad_safetensors_content_is_refused_and_leaves_nothing() {
+    let mut ints = expert_tensors(22);
+    let (name, t) = ints.iter_mut().next().expect("a tensor");
+    let name = name.clone();
+    *t = Tensor {
+        dtype: DType::I64,
+        shape: vec![2],
+        data: vec![0; 16],
+    };
+    let s = setup_as(ints, ShardFormat::Safetensors).await;
+    let err = s
+        .fetch(&s.candidate(), &fast_policy(1, 5000))
+        .await
+        .expect_err("an int64 expert tensor");
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            TransportError::Rejected {
+                source: VerifyError::Unexpected(_),
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains(&name) && msg.contains("int64"), "{msg}");
+    assert_eq!(s.v.download_requests(), 1, "a refusal is not retried");
+    assert_nothing_left(&s);
+
+    for (what, tail) in [("junk", &b"junk"[..]), ("text", &b""[..])] {
+        let s = setup_as(expert_tensors(23), ShardFormat::Safetensors).await;
+        let bytes = if what == "text" {
+            b"hello, this is not a checkpoint at all".to_vec()
+        } else {
+            [std::fs::read(&s.served).unwrap(), tail.to_vec()].concat()
+        };
+        std::fs::write(&s.served, &bytes).unwrap();
+        let err = s
+            .fetch(&s.candidate(), &fast_policy(1, 5000))
+            .await
+            .expect_err(what);
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                &err,
+                TransportError::Rejected {
+                    source: VerifyError::File(_),
+                    ..
+                }
+            ),
+            "{what}: {msg}"
+        );
+        assert!(!msg.contains('\n'), "{what}: {msg}");
+        assert_eq!(s.v.download_requests(), 1, "{what}: not retried");
+        assert_nothing_left(&s);
+    }
 }

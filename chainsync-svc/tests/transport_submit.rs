@@ -12,6 +12,7 @@ use chainsync_svc::transport::{
     Backoff, Peer, RetryPolicy, Submission, TransportError, http_client, submit_checkpoint,
 };
 use miner_contract::hash::ModelHash;
+use miner_contract::shard::{ShardFormat, shard_file_name};
 use miner_standins::{ChainCheckpointView, Faults, ValidatorStandIn};
 use tokio::time::Instant;
 use transport_support::*;
@@ -25,9 +26,15 @@ struct Setup {
 
 /// Our shard, committed on chain as (m signed by `signer`, h).
 async fn setup(signer: &miner_keys::Hotkey) -> Setup {
+    setup_as(signer, ShardFormat::Pt).await
+}
+
+/// Our shard in `format`, committed on chain as (m signed by `signer`, h).
+async fn setup_as(signer: &miner_keys::Hotkey, format: ShardFormat) -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let file = tmp.path().join("model_expgroup_0.pt");
-    let hash = write_shard(&file, &expert_tensors(11));
+    let file = tmp.path().join(shard_file_name(GROUP, format));
+    let hash = miner_contract::shard::write_shard_tensors(&file, format, &expert_tensors(11))
+        .expect("write shard");
     let chain = ChainCheckpointView {
         signed_model_hash: sign_hash(signer, &hash.to_hex()),
         model_hash: hash.to_hex(),
@@ -62,7 +69,15 @@ fn submission<'a>(s: &'a Setup, origin_block: u64) -> Submission<'a> {
 
 #[tokio::test]
 async fn success_is_verified_and_recorded_by_the_validator() {
-    let s = setup(&miner_key()).await;
+    for format in ShardFormat::PREFERENCE {
+        success_round(format).await;
+    }
+}
+
+/// The shard is sent under its own name (`.safetensors` or `.pt`), the validator verifies and
+/// stores it in that format.
+async fn success_round(format: ShardFormat) {
+    let s = setup_as(&miner_key(), format).await;
     let client = http_client().expect("client");
     let receipt = submit_checkpoint(
         &client,
@@ -80,7 +95,13 @@ async fn success_is_verified_and_recorded_by_the_validator() {
     let r = &recs[0];
     assert_eq!(r.origin_hotkey_ss58, miner_key().ss58());
     assert_eq!(r.model_hex, s.hash.to_hex());
-    assert_eq!(r.file_name, "model_expgroup_0.pt");
+    assert_eq!(r.file_name, shard_file_name(GROUP, format));
+    assert_eq!(
+        ShardFormat::of_path(&r.stored_path),
+        Some(format),
+        "{}",
+        r.stored_path.display()
+    );
     assert_eq!(r.origin_block, SUBMISSION_BLOCK);
     // block_hex = validator pubkey ‖ u64_be(origin_block).
     let mut block = validator_key().public().to_vec();

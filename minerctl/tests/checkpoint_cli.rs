@@ -314,3 +314,89 @@ fn bad_input_gets_one_line_naming_the_file_and_a_distinct_exit_code() {
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("checkpoint"));
 }
+
+/// A `.safetensors` shard written by Python's `safetensors.torch.save_file`, with the reference
+/// hash computed in Python over `load_file`, and a file with a hostile tensor name.
+const PY_ST_FIXTURES: &str = r#"
+import hashlib, os, sys
+import torch
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+sd = {"model.layers.1.mlp.experts.4.gate_up_proj": torch.tensor([[1.0, 2.0], [3.0, -0.5]], dtype=torch.float16),
+      "model.layers.1.mlp.experts.4.down_proj": torch.tensor([[0.25, -1.0]], dtype=torch.float16)}
+save_file(sd, os.path.join(d, "model_expgroup_0.safetensors"))
+back = load_file(os.path.join(d, "model_expgroup_0.safetensors"))
+buf = b"".join(k.encode() + back[k].numpy().tobytes() for k in sorted(back))
+print(hashlib.blake2b(buf, digest_size=24).hexdigest())
+save_file({"evil\n\x1b[31mname": torch.ones(2, dtype=torch.bfloat16)}, os.path.join(d, "evil.safetensors"))
+"#;
+
+#[test]
+fn safetensors_shards_hash_and_inspect_like_pt_and_win_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(python())
+        .args(["-c", PY_ST_FIXTURES])
+        .arg(dir.path())
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "python fixtures: {}", stderr(&out));
+    let expected = stdout(&out).trim().to_string();
+    // The spec's test vector, from a safetensors file.
+    assert_eq!(expected, "dd252182c01da6b0e8485ce0669cb0a2189e3d3758e43873");
+    let st = dir.path().join("model_expgroup_0.safetensors");
+    let o = minerctl(&["checkpoint", "hash", st.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{expected}\n"));
+
+    let o = minerctl(&["checkpoint", "inspect", st.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("format      safetensors"), "{text}");
+    assert!(text.contains("layout      flat"), "{text}");
+    assert!(text.contains(&format!("model_hash  {expected}")), "{text}");
+    assert!(text.contains("parameters  6"), "{text}");
+
+    // The directory also holds a .pt of other tensors: the .safetensors is the shard read (the
+    // order validators try), without asking for --group.
+    let other = write_pt_tensors(
+        &dir.path().join("model_expgroup_0.pt"),
+        &expert_tensors(4),
+        &PtWriteOptions::default(),
+    )
+    .unwrap();
+    assert_ne!(other.to_hex(), expected);
+    let o = minerctl(&["checkpoint", "hash", dir.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{expected}\n"));
+    let o = minerctl(&[
+        "checkpoint",
+        "hash",
+        "--group",
+        "0",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&o), format!("{expected}\n"), "{}", stderr(&o));
+
+    // A hostile tensor name cannot forge output lines or colours.
+    let evil = dir.path().join("evil.safetensors");
+    let o = minerctl(&["checkpoint", "inspect", evil.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("evil\\n\\u{1b}[31mname"), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+
+    // Truncated and junk-extended safetensors: one line, exit 65.
+    let bytes = std::fs::read(&st).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+    let long = dir.path().join("long.safetensors");
+    std::fs::write(&long, [&bytes[..], b"junk"].concat()).unwrap();
+    for (p, what) in [(&cut, "truncated"), (&long, "junk after the last tensor")] {
+        for cmd in ["hash", "inspect"] {
+            let o = minerctl(&["checkpoint", cmd, p.to_str().unwrap()]);
+            assert_fails(&o, 65, p, &format!("{cmd} {what}"));
+            assert!(stderr(&o).contains(what), "{}", stderr(&o));
+        }
+    }
+}

@@ -40,7 +40,10 @@ impl Drop for KillOnDrop {
 
 fn published(run: &Path, name: &str) -> bool {
     run.join(name).join("MANIFEST.json").is_file()
-        && run.join(name).join("model_expgroup_0.pt").is_file()
+        && run
+            .join(name)
+            .join("model_expgroup_0.safetensors")
+            .is_file()
 }
 
 #[test]
@@ -175,12 +178,22 @@ fn published_files_load_in_pytorch_with_weights_only() {
         String::from_utf8_lossy(&out.stderr)
     );
     let ckpt = run.join("globalver_0_inneropt_2");
+    // The shard is the live subnet's `.safetensors` (addendum A1): a flat map that
+    // `safetensors.torch.load_file` reads, whose reference hash (spec §7.5) is the manifest's.
+    assert!(!ckpt.join("model_expgroup_0.pt").exists());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("MANIFEST.json")).unwrap()).unwrap();
+    assert_eq!(manifest["model_file"], "model_expgroup_0.safetensors");
     let script = r#"
-import sys, torch
+import hashlib, json, sys, torch
+from safetensors.torch import load_file
 ckpt, final = sys.argv[1], sys.argv[2]
-shard = torch.load(f"{ckpt}/model_expgroup_0.pt", weights_only=True)
-sd = shard["model_state_dict"]
+sd = load_file(f"{ckpt}/model_expgroup_0.safetensors")
 assert sd and all(".mlp.experts." in k for k in sd), list(sd)[:5]
+h = hashlib.blake2b(digest_size=24)
+for k in sorted(sd):
+    h.update(k.encode()); h.update(sd[k].contiguous().numpy().tobytes())
+assert h.hexdigest() == json.load(open(f"{ckpt}/MANIFEST.json"))["model_hash"], "hash"
 assert all(t.dtype == torch.float16 for t in sd.values())
 shared = torch.load(f"{ckpt}/model_shared.pt", weights_only=True)["model_state_dict"]
 assert "model.embed_tokens.weight" in shared and "lm_head.weight" in shared, list(shared)[:5]
@@ -204,5 +217,55 @@ print("ok", len(sd), len(shared), len(m))
         "{}{}",
         String::from_utf8_lossy(&py.stdout),
         String::from_utf8_lossy(&py.stderr)
+    );
+}
+
+/// `--shard-format pt` writes the pre-May `model_expgroup_<gid>.pt` (wrapped in
+/// `model_state_dict`, loadable with `weights_only`), and a later run with the default format
+/// resumes from it and continues in `.safetensors`.
+#[test]
+fn pt_shards_on_request_and_resume_across_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::small_run_dir(tmp.path(), 100, "");
+    let out = cmd(&run)
+        .args(["--max-steps", "2", "--shard-format", "pt"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let first = run.join("globalver_0_inneropt_2");
+    assert!(first.join("model_expgroup_0.pt").is_file(), "{stderr}");
+    assert!(!first.join("model_expgroup_0.safetensors").exists());
+    let script = r#"
+import sys, torch
+sd = torch.load(sys.argv[1], weights_only=True)["model_state_dict"]
+assert sd and all(".mlp.experts." in k for k in sd), list(sd)[:5]
+print(len(sd))
+"#;
+    let py = Command::new(python())
+        .args(["-c", script])
+        .arg(first.join("model_expgroup_0.pt"))
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+
+    // The default format again: resumes from the .pt checkpoint (step 2 -> 4).
+    let out = cmd(&run).args(["--max-steps", "2"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(published(&run, "globalver_0_inneropt_4"), "{stderr}");
+    let a = miner_contract::shard::read_shard(&first.join("model_expgroup_0.pt")).unwrap();
+    let b = miner_contract::shard::read_shard(
+        &run.join("globalver_0_inneropt_4/model_expgroup_0.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same tensors in both formats"
     );
 }

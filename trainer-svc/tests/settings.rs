@@ -104,9 +104,10 @@ fn on_disk_expert_group_with_local_data_trains() {
             final_checkpoint: Some("globalver_0_inneropt_2".into())
         }
     );
-    let shard =
-        miner_contract::pt::read_pt(&run.join("globalver_0_inneropt_2/model_expgroup_3.pt"))
-            .unwrap();
+    let shard = miner_contract::shard::read_shard(
+        &run.join("globalver_0_inneropt_2/model_expgroup_3.safetensors"),
+    )
+    .unwrap();
     assert!(
         shard
             .keys()
@@ -177,4 +178,34 @@ fn cuda_that_cannot_run_is_refused_before_anything_starts() {
     } else {
         assert!(err.message.contains("does not exist"), "{}", err.message);
     }
+}
+
+#[test]
+fn shard_format_comes_from_the_config_and_the_flag_overrides_it() {
+    use miner_contract::shard::ShardFormat;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let path = run.to_str().unwrap();
+    write(
+        &run.join("config.yaml"),
+        "task:\n  expert_group_name: embedded\n",
+    );
+    let s = Settings::from_cli(&cli(&["--path", path])).unwrap();
+    assert_eq!(s.shard_format, ShardFormat::Safetensors, "the default");
+    write(
+        &run.join("config.yaml"),
+        "task:\n  expert_group_name: embedded\nckpt:\n  shard_format: pt\n",
+    );
+    let s = Settings::from_cli(&cli(&["--path", path])).unwrap();
+    assert_eq!(s.shard_format, ShardFormat::Pt);
+    let s = Settings::from_cli(&cli(&["--path", path, "--shard-format", "safetensors"])).unwrap();
+    assert_eq!(s.shard_format, ShardFormat::Safetensors);
+    let bad = Cli::try_parse_from(["trainer-svc", "--shard-format", "npz"]).unwrap_err();
+    assert!(bad.to_string().contains("npz"), "{bad}");
+    write(
+        &run.join("config.yaml"),
+        "task:\n  expert_group_name: embedded\nckpt:\n  shard_format: npz\n",
+    );
+    let e = Settings::from_cli(&cli(&["--path", path])).unwrap_err();
+    assert!(e.to_string().contains("shard_format"), "{e}");
 }

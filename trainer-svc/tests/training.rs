@@ -91,10 +91,10 @@ fn resume_restores_moments_schedule_and_data_position() {
         (sb.sched_step, sb.adam_step, sb.micro_step)
     );
     assert_eq!(sa.total_samples, sb.total_samples);
-    for file in ["inner_optimizer.pt", "model_expgroup_0.pt"] {
+    for file in ["inner_optimizer.pt", "model_expgroup_0.safetensors"] {
         let (ta, tb) = (
-            pt::read_pt(&da.join(file)).unwrap(),
-            pt::read_pt(&db.join(file)).unwrap(),
+            miner_contract::shard::read_shard(&da.join(file)).unwrap(),
+            miner_contract::shard::read_shard(&db.join(file)).unwrap(),
         );
         assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
         for (k, x) in &ta {
@@ -344,7 +344,9 @@ async fn validator_checkpoint_reload_and_grpc_status_and_stop() {
     assert!(last.starts_with("globalver_777_inneropt_"), "{last}");
     assert!(run.join("mycelia_final.pt").is_file());
     // The reloaded experts (all 0.05) moved only a little in the few steps since.
-    let experts = pt::read_pt(&run.join(&last).join("model_expgroup_0.pt")).unwrap();
+    let experts =
+        miner_contract::shard::read_shard(&run.join(&last).join("model_expgroup_0.safetensors"))
+            .unwrap();
     let vals: Vec<f32> = experts.values().flat_map(to_f32).collect();
     let mean = vals.iter().sum::<f32>() / vals.len() as f32;
     assert!(

@@ -512,7 +512,7 @@ impl Staged {
             return Err(PublishError::MissingModelFile {
                 path: self.final_path.clone(),
                 file: format!(
-                    "{} (or {})",
+                    "{} or {}",
                     model_file_name(info.expert_group, ShardFormat::Safetensors),
                     model_file_name(info.expert_group, ShardFormat::Pt)
                 ),

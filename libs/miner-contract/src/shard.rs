@@ -638,5 +638,119 @@ impl ShardExpectation {
 /// `model.layers.1.mlp.experts.4.gate_up_proj`).
 fn param_of(name: &str) -> &str {
     debug_assert!(parse_expert_key(name).is_some());
-    name.splitn(6, '.').nth(5).unwrap_or("")
+    name.splitn(7, '.').nth(6).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_suffixes_and_sniffing() {
+        assert_eq!(
+            shard_file_name(3, ShardFormat::Safetensors),
+            "model_expgroup_3.safetensors"
+        );
+        assert_eq!(ShardFormat::Pt.file_name(0), "model_expgroup_0.pt");
+        assert_eq!(
+            parse_shard_file_name("model_expgroup_12.safetensors"),
+            Some((12, ShardFormat::Safetensors))
+        );
+        assert_eq!(
+            parse_shard_file_name("model_expgroup_0.pt"),
+            Some((0, ShardFormat::Pt))
+        );
+        for bad in [
+            "model_expgroup_.pt",
+            "model_expgroup_1.bin",
+            "model_expgroup_1.pt.partial",
+            "model_expgroup_x.pt",
+            "model_shared.pt",
+        ] {
+            assert_eq!(parse_shard_file_name(bad), None, "{bad}");
+        }
+        assert_eq!("pt".parse(), Ok(ShardFormat::Pt));
+        assert!("PT".parse::<ShardFormat>().is_err());
+        assert_eq!(ShardFormat::default(), ShardFormat::Safetensors);
+        assert_eq!(ShardFormat::sniff(b"PK\x03\x04rest"), Some(ShardFormat::Pt));
+        assert_eq!(
+            ShardFormat::sniff(b"\x10\0\0\0\0\0\0\0{\"a\""),
+            Some(ShardFormat::Safetensors)
+        );
+        assert_eq!(ShardFormat::sniff(b"\x10\0\0\0\0\0\0\0"), None);
+        assert_eq!(ShardFormat::sniff(b"hello, world"), None);
+    }
+
+    #[test]
+    fn find_shard_prefers_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(find_shard(dir.path(), 0), None);
+        std::fs::write(dir.path().join("model_expgroup_0.pt"), b"x").unwrap();
+        assert_eq!(find_shard(dir.path(), 0).unwrap().1, ShardFormat::Pt);
+        std::fs::write(dir.path().join("model_expgroup_0.safetensors"), b"x").unwrap();
+        assert_eq!(
+            find_shard(dir.path(), 0).unwrap().1,
+            ShardFormat::Safetensors
+        );
+        assert_eq!(find_shard(dir.path(), 1), None);
+    }
+
+    fn meta(name: &str, dtype: DType, shape: &[usize]) -> TensorMeta {
+        TensorMeta::new(name, dtype, shape.to_vec())
+    }
+
+    #[test]
+    fn expectation_checks_keys_dtypes_shapes_and_completeness() {
+        let g = ExpertGroup::builtin("exp_dummy").unwrap();
+        let e = ShardExpectation::new(g.clone());
+        let keys = e.expected_keys();
+        assert_eq!(keys.len(), 2 * g.num_experts());
+        let shapes = ExpertShapes {
+            hidden_size: 8,
+            moe_intermediate_size: 4,
+        };
+        let full: Vec<TensorMeta> = keys
+            .iter()
+            .map(|k| {
+                let p = param_of(k);
+                meta(k, DType::BF16, &shapes.shape_of(p).unwrap())
+            })
+            .collect();
+        let strict = e.clone().with_shapes(shapes).requiring_all();
+        assert_eq!(strict.check_entries(&full), Ok(()));
+        assert_eq!(e.check_entries(&[]), Err(ExpectationError::Empty));
+
+        let foreign = meta(
+            "model.layers.1.mlp.experts.999.down_proj",
+            DType::F16,
+            &[8, 4],
+        );
+        assert!(matches!(
+            e.check_entries(&[foreign]),
+            Err(ExpectationError::ForeignKey { .. })
+        ));
+        let mut wrong_dtype = full.clone();
+        wrong_dtype[0].dtype = DType::I64;
+        let err = strict.check_entries(&wrong_dtype).unwrap_err();
+        assert!(matches!(err, ExpectationError::WrongDtype { .. }), "{err}");
+        let mut wrong_shape = full.clone();
+        wrong_shape[1].shape = vec![4, 8];
+        let err = strict.check_entries(&wrong_shape).unwrap_err();
+        assert!(matches!(err, ExpectationError::WrongShape { .. }), "{err}");
+        // Without shapes a partial shard is fine; with require_all it is not.
+        assert_eq!(e.check_entries(&full[1..]), Ok(()));
+        let err = strict.check_entries(&full[1..]).unwrap_err();
+        assert!(
+            matches!(err, ExpectationError::Missing { count: 1, .. }),
+            "{err}"
+        );
+        // A hostile name is escaped in the message.
+        let evil = meta("evil\nname", DType::F16, &[1]);
+        let msg = e.check_entries(&[evil]).unwrap_err().to_string();
+        assert!(msg.contains("evil\\nname") && !msg.contains('\n'), "{msg}");
+        // The header budget is far below the safetensors crate's 100 MB.
+        assert!(e.max_header() < 1 << 20);
+        let math = ShardExpectation::new(ExpertGroup::builtin("exp_math").unwrap());
+        assert!(math.max_header() > 416 * 128 && math.max_header() < 1 << 20);
+    }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use miner_contract::hash::hash_pt_file;
 use miner_contract::pt::{DType, Tensor};
+use miner_contract::shard::hash_shard_file;
 use miner_contract::{PublishError, PublishInfo, RunDir};
 
 const CHILD_ENV: &str = "MINER_CRASH_WRITER_RUN";
@@ -124,7 +124,7 @@ fn kill_writer_at_random_points() {
                 assert_eq!(len, f.size, "{}/{}", e.dir_name, f.path);
             }
             assert_eq!(
-                hash_pt_file(&e.model_path().unwrap()).unwrap(),
+                hash_shard_file(&e.model_path().unwrap()).unwrap(),
                 m.model_hash,
                 "iteration {iteration}: {} hash differs from its manifest",
                 e.dir_name

@@ -6,10 +6,10 @@ use std::io;
 use std::path::Path;
 use std::process::Command;
 
-use miner_contract::hash::hash_pt_file;
 use miner_contract::layout::{EntryState, TMP_PREFIX};
 use miner_contract::manifest::MANIFEST_FILE;
 use miner_contract::pt::{DType, Tensor, TensorMeta};
+use miner_contract::shard::{ShardFormat, hash_shard_file};
 use miner_contract::{CheckpointKind, PublishError, PublishInfo, Published, RunDir};
 
 fn tiny_model(seed: u8, cols: usize) -> BTreeMap<String, Tensor> {
@@ -69,11 +69,19 @@ fn staged_checkpoint_is_invisible_until_published() {
     assert_eq!(list[0].dir_name, "globalver_7_inneropt_40");
     let m = list[0].manifest.as_ref().unwrap();
     assert_eq!(m.model_hash, hash);
-    assert_eq!(m.model_file, "model_expgroup_0.pt");
+    // The default shard format is the live subnet's (addendum A1).
+    assert_eq!(m.model_file, "model_expgroup_0.safetensors");
     let names: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
-    assert_eq!(names, vec!["inner_optimizer.bin", "model_expgroup_0.pt"]);
+    assert_eq!(
+        names,
+        vec!["inner_optimizer.bin", "model_expgroup_0.safetensors"]
+    );
     // The recorded hash is the hash of the file as stored.
-    assert_eq!(hash_pt_file(&list[0].model_path().unwrap()).unwrap(), hash);
+    assert_eq!(
+        hash_shard_file(&list[0].model_path().unwrap()).unwrap(),
+        hash
+    );
+    assert_eq!(list[0].model_format(), Some(ShardFormat::Safetensors));
     assert_eq!(hidden_entries(dir.path()), Vec::<String>::new());
 }
 
@@ -101,7 +109,7 @@ fn manifest_less_and_damaged_directories_are_listed_incomplete_and_never_selecte
     std::fs::write(raw.join("model_expgroup_0.pt"), b"partial").unwrap();
     // A newer own checkpoint whose model file was truncated after publish.
     let damaged = publish_own(&run, 8, 0);
-    let model = damaged.path.join("model_expgroup_0.pt");
+    let model = damaged.path.join("model_expgroup_0.safetensors");
     let len = std::fs::metadata(&model).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -132,7 +140,10 @@ fn manifest_less_and_damaged_directories_are_listed_incomplete_and_never_selecte
     let EntryState::Incomplete(reason) = &list[1].state else {
         panic!("damaged checkpoint listed as verified")
     };
-    assert!(reason.contains("model_expgroup_0.pt has"), "{reason}");
+    assert!(
+        reason.contains("model_expgroup_0.safetensors has"),
+        "{reason}"
+    );
     assert_eq!(
         run.best().unwrap().unwrap().dir_name,
         "globalver_5_inneropt_10"
@@ -203,7 +214,7 @@ fn validator_checkpoints_publish_only_as_verified_downloads() {
     let err = s.publish(PublishInfo::own(1, h)).unwrap_err();
     assert!(
         err.to_string()
-            .contains("model_expgroup_1.pt was not written"),
+            .contains("model_expgroup_1.safetensors or model_expgroup_1.pt was not written"),
         "{err}"
     );
     assert!(run.stage_validator(1, "../etc", 3).is_err());
@@ -253,20 +264,20 @@ fn disk_full_while_writing_is_a_clear_error_and_discards_the_stage() {
         DType::F16,
         vec![64, 64],
     )];
-    let err = staged
-        .write_model(0, metas, |_, w| {
-            w.write_all(&[0u8; 100])?;
-            Err(io::Error::from_raw_os_error(libc::ENOSPC))
-        })
-        .unwrap_err();
-    assert!(matches!(err, PublishError::DiskFull { .. }), "{err:?}");
-    let msg = err.to_string();
-    assert!(msg.contains("disk full"), "{msg}");
-    assert!(msg.contains("model_expgroup_0.pt"), "{msg}");
-    assert!(
-        !tmp.join("model_expgroup_0.pt").exists(),
-        "partial file removed at once"
-    );
+    for format in ShardFormat::PREFERENCE {
+        let err = staged
+            .write_model(0, format, metas.clone(), |_, w| {
+                w.write_all(&[0u8; 100])?;
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            })
+            .unwrap_err();
+        assert!(matches!(err, PublishError::DiskFull { .. }), "{err:?}");
+        let msg = err.to_string();
+        let name = format!("model_expgroup_0.{format}");
+        assert!(msg.contains("disk full"), "{msg}");
+        assert!(msg.contains(&name), "{msg}");
+        assert!(!tmp.join(&name).exists(), "partial file removed at once");
+    }
     let err = staged
         .write_file("global_state.bin", |_| {
             Err(io::Error::from_raw_os_error(libc::ENOSPC))
@@ -328,4 +339,42 @@ fn disk_full_on_a_real_tiny_tmpfs() {
     assert!(list[0].is_verified());
     // Space was given back: the next checkpoint fits.
     publish_own(&run, 1, 3);
+}
+
+#[test]
+fn a_pt_shard_publishes_and_safetensors_wins_when_both_are_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(dir.path()).unwrap();
+    let s = run.stage_own(3, 1).unwrap();
+    let h = s
+        .write_model_tensors_as(0, ShardFormat::Pt, &tiny_model(6, 4))
+        .unwrap();
+    let p = s.publish(PublishInfo::own(0, h)).unwrap();
+    let e = run.best().unwrap().unwrap();
+    assert_eq!(e.model_path().unwrap(), p.path.join("model_expgroup_0.pt"));
+    assert_eq!(e.model_format(), Some(ShardFormat::Pt));
+    assert_eq!(hash_shard_file(&e.model_path().unwrap()).unwrap(), h);
+
+    let s = run.stage_own(3, 2).unwrap();
+    let h_pt = s
+        .write_model_tensors_as(0, ShardFormat::Pt, &tiny_model(7, 4))
+        .unwrap();
+    let h_st = s.write_model_tensors(0, &tiny_model(7, 4)).unwrap();
+    assert_eq!(h_pt, h_st, "one hash for the same tensors in either format");
+    s.publish(PublishInfo::own(0, h_st)).unwrap();
+    let e = run.best().unwrap().unwrap();
+    assert_eq!(e.dir_name, "globalver_3_inneropt_2");
+    assert_eq!(
+        e.manifest.as_ref().unwrap().model_file,
+        "model_expgroup_0.safetensors"
+    );
+
+    // A stage without any shard cannot publish; the error names both accepted names.
+    let s = run.stage_own(3, 3).unwrap();
+    s.write_file("notes.txt", |w| w.write_all(b"x")).unwrap();
+    let err = s.publish(PublishInfo::own(0, h)).unwrap_err().to_string();
+    assert!(
+        err.contains("model_expgroup_0.safetensors") && err.contains("model_expgroup_0.pt"),
+        "{err}"
+    );
 }
