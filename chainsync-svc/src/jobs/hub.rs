@@ -626,7 +626,7 @@ impl Engine {
         let min = i64::try_from(info.phase_start_block)
             .unwrap_or(i64::MAX)
             .saturating_sub(span);
-        let old = |gv: u64| i64::try_from(gv).map_or(false, |v| v < min);
+        let old = |gv: u64| i64::try_from(gv).is_ok_and(|v| v < min);
         if !old(best.global_ver) {
             return best;
         }

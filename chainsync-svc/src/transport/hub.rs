@@ -95,12 +95,6 @@ pub enum HubFetchError {
         #[source]
         source: VerifyError,
     },
-    #[error("validator {hotkey}: {file} cannot be verified: {reason}")]
-    Unsupported {
-        hotkey: String,
-        file: String,
-        reason: String,
-    },
     #[error("validator {hotkey}: local {path}: {reason}")]
     Local {
         hotkey: String,
@@ -336,11 +330,7 @@ pub async fn fetch_into(
         file: name.clone(),
         source,
     };
-    let follower = shard_follower(kind, group).map_err(|reason| HubFetchError::Unsupported {
-        hotkey: hotkey.to_owned(),
-        file: name.clone(),
-        reason,
-    })?;
+    let follower = shard_follower(kind, group);
     let file_path = dir.join(&name);
     let (_meta, mut body) = client
         .open_file(repo, KIND, rv, &name, 0)
@@ -435,19 +425,19 @@ impl Follow for DownloadVerifier {
     }
 }
 
-/// A follower for `kind` (opened on the file once the pipeline starts).
-fn shard_follower(
-    kind: ShardKind,
-    group: &ExpertGroup,
-) -> Result<Box<dyn FnOnce(&Path) -> Result<Box<dyn Follow>, VerifyError> + Send>, String> {
+/// Opens the follower on the file once the pipeline starts.
+type MakeFollower = Box<dyn FnOnce(&Path) -> Result<Box<dyn Follow>, VerifyError> + Send>;
+
+/// A follower for `kind`.
+fn shard_follower(kind: ShardKind, group: &ExpertGroup) -> MakeFollower {
     let group = group.clone();
     let format = match kind {
         ShardKind::Pt => ShardFormat::Pt,
         ShardKind::Safetensors => ShardFormat::Safetensors,
     };
-    Ok(Box::new(move |p: &Path| {
+    Box::new(move |p: &Path| {
         Ok(Box::new(DownloadVerifier::new(p, group, Some(format))?) as Box<dyn Follow>)
-    }))
+    })
 }
 
 enum PipeError {
@@ -499,11 +489,7 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn start(
-        file: std::fs::File,
-        path: PathBuf,
-        follower: Box<dyn FnOnce(&Path) -> Result<Box<dyn Follow>, VerifyError> + Send>,
-    ) -> Pipeline {
+    fn start(file: std::fs::File, path: PathBuf, follower: MakeFollower) -> Pipeline {
         let shared = Arc::new(Shared::default());
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(PIECES_IN_FLIGHT);
         let writer = {
