@@ -387,7 +387,7 @@ fn start_copier(b: &Bed, stop: Arc<AtomicBool>) -> (Seen, tokio::task::JoinHandl
         let repo: RepoId = REPO.parse().unwrap();
         let mut turn = 0u64;
         while !stop.load(Ordering::SeqCst) {
-            let name = if turn % 2 == 0 {
+            let name = if turn.is_multiple_of(2) {
                 "model_expgroup_0.safetensors"
             } else {
                 "model_expgroup_0.pt"

@@ -337,27 +337,26 @@ async fn pull(a: &PullArgs, out: &mut dyn Write) -> Result<(), CliError> {
         &progress,
     )
     .await;
-    let fetched = fetched.and_then(|(f, h)| {
-        let dest = a.dir.join(f.file_name().unwrap_or_default());
-        std::fs::rename(&f, &dest)
-            .map(|()| (dest.clone(), h))
-            .map_err(|e| HubFetchError::Local {
-                hotkey: repo.to_string(),
-                path: dest.display().to_string(),
-                reason: e.to_string(),
-            })
-    });
+    let result = match fetched {
+        Ok((f, h)) => {
+            let dest = a.dir.join(f.file_name().unwrap_or_default());
+            std::fs::rename(&f, &dest)
+                .map(|()| (dest.clone(), h))
+                .map_err(|e| CliError::new(Exit::Other, format!("{}: {e}", dest.display())))
+        }
+        Err(e) => {
+            let exit = match &e {
+                HubFetchError::Rejected { .. } | HubFetchError::TooLarge { .. } => Exit::Data,
+                HubFetchError::Missing { .. } => Exit::NoInput,
+                HubFetchError::Hub { source, .. } => hub_exit(source),
+                HubFetchError::Local { .. } => Exit::NoInput,
+                _ => Exit::Other,
+            };
+            Err(CliError::new(exit, e.to_string()))
+        }
+    };
     let _ = std::fs::remove_dir_all(&stage);
-    let (file, hash) = fetched.map_err(|e| {
-        let exit = match &e {
-            HubFetchError::Rejected { .. } | HubFetchError::TooLarge { .. } => Exit::Data,
-            HubFetchError::Missing { .. } => Exit::NoInput,
-            HubFetchError::Hub { source, .. } => hub_exit(source),
-            HubFetchError::Local { .. } => Exit::NoInput,
-            _ => Exit::Other,
-        };
-        CliError::new(exit, e.to_string())
-    })?;
+    let (file, hash) = result?;
     let text = format!("file  {}\nhash  {}\n", file.display(), hash.to_hex());
     emit(
         out,
