@@ -55,6 +55,9 @@ struct Opts {
     /// The good validator publishes its baseline only as `.pt` (default: only as
     /// `.safetensors`, which the stock miner never asks for).
     baseline_pt: bool,
+    /// Our only checkpoint is older than the version window (global_ver 0; the chain is first
+    /// moved far enough for the window to exclude it).
+    own_out_of_window: bool,
 }
 
 struct Bed {
@@ -68,6 +71,8 @@ struct Bed {
     own_hash: String,
     own_gv: u64,
     vhash: String,
+    /// The baseline's version.
+    v_base: u64,
     /// The validator whose baseline is the good one, and the other's.
     good: String,
     good_repo: String,
@@ -140,6 +145,12 @@ async fn setup(o: Opts) -> Bed {
         .with_env_filter("chainsync_svc=info")
         .with_test_writer()
         .try_init();
+    if o.own_out_of_window {
+        let d = tokio::task::spawn_blocking(miner_devnet::shared)
+            .await
+            .expect("devnet");
+        d.new_blocks(120).expect("burst");
+    }
     let bed = Devbed::start(Duration::from_millis(BLOCK_MS)).await;
     let l = bed.sched.cycle_length();
     let hub = HubStandIn::start(HubStandInOptions {
@@ -243,6 +254,7 @@ async fn setup(o: Opts) -> Bed {
             .put_file(repo_of(&second), RepoKind::Model, vname, &good_bytes)
             .unwrap())
     };
+    let own_gv = if o.own_out_of_window { 0 } else { own_gv };
     let own_hash = publish_own(&run, own_gv, 5, 7);
 
     bed.wait_for_phase(PhaseName::ValidatorCommit2, 1).await;
@@ -291,6 +303,7 @@ async fn setup(o: Opts) -> Bed {
         own_hash,
         own_gv,
         vhash,
+        v_base,
         good_repo: repo_of(&second).to_owned(),
         good: second,
         wrong: first,
@@ -776,5 +789,42 @@ async fn a_baseline_published_only_as_pt_is_downloaded() {
         asked[0].ends_with(".safetensors") && asked.iter().any(|p| p.ends_with(".pt")),
         ".safetensors asked first, then .pt: {asked:?}"
     );
+    b.stop().await;
+}
+
+/// The best own checkpoint is older than the version window while a newer baseline is loaded:
+/// COMMIT1 waits (inside MinerCommit1) for the trainer's first checkpoint from that baseline and
+/// commits it, not the old one validators would refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commit1_waits_for_a_checkpoint_from_the_new_baseline() {
+    let _serial = SERIAL.lock().await;
+    let b = setup(Opts {
+        own_out_of_window: true,
+        ..Default::default()
+    })
+    .await;
+    let dl = b.job(pb::JobKind::Download).await;
+    assert!(ok(&dl), "{dl:#?}");
+    // The "trainer" publishes its first checkpoint from the new baseline half a block into
+    // MinerCommit1.
+    let mc1_start = b.mc1_end() + 1 - periods().commit_period;
+    while b.bed.head_now() < mc1_start {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(BLOCK_MS / 2)).await;
+    let new_hash = publish_own(&b.run, b.v_base, 1, 9);
+    let c1 = b.job(pb::JobKind::Commit1).await;
+    assert!(ok(&c1), "{c1:#?}");
+    assert!(
+        c1.checkpoint.contains(&format!("globalver_{}_", b.v_base)),
+        "{}",
+        c1.checkpoint
+    );
+    assert_eq!(c1.model_hash, new_hash);
+    let c2 = b.job(pb::JobKind::Commit2).await;
+    assert!(ok(&c2), "{c2:#?}");
+    let (_, c2_text) = validate_like_a_validator(&b).await;
+    assert!(c2_text.contains(&format!(r#""v":{}"#, b.v_base)), "{c2_text}");
+    assert_ne!(b.own_hash, new_hash);
     b.stop().await;
 }
