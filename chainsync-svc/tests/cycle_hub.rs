@@ -149,7 +149,9 @@ async fn setup(o: Opts) -> Bed {
         let d = tokio::task::spawn_blocking(miner_devnet::shared)
             .await
             .expect("devnet");
-        d.new_blocks(120).expect("burst");
+        for _ in 0..12 {
+            d.new_blocks(10).expect("burst");
+        }
     }
     let bed = Devbed::start(Duration::from_millis(BLOCK_MS)).await;
     let l = bed.sched.cycle_length();
@@ -727,6 +729,25 @@ async fn an_upload_stalled_past_the_deadline_is_missed() {
         times: 10_000,
         action: FaultAction::Stall(Duration::from_secs(60)),
     });
+    // While it runs, the job shows the repo and the bytes sent so far (what `minerctl status`
+    // and `jobs` print).
+    let mut client = b.client().await;
+    let t0 = Instant::now();
+    let running = loop {
+        let jobs = jobs_of(&mut client).await;
+        if let Some(j) = jobs.iter().find(|j| {
+            j.kind == pb::JobKind::Commit1 as i32
+                && j.cycle_index == b.c1
+                && j.outcome == pb::JobOutcome::Running as i32
+                && j.bytes_done > 0
+        }) {
+            break j.clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{jobs:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(running.hf_repo, REPO);
+    assert!(running.bytes_done < running.bytes_total, "{running:#?}");
     let c1 = b.job(pb::JobKind::Commit1).await;
     assert_eq!(c1.outcome, pb::JobOutcome::Missed as i32, "{c1:#?}");
     assert!(c1.error.contains("MinerCommit2 ended"), "{}", c1.error);
@@ -824,7 +845,10 @@ async fn commit1_waits_for_a_checkpoint_from_the_new_baseline() {
     let c2 = b.job(pb::JobKind::Commit2).await;
     assert!(ok(&c2), "{c2:#?}");
     let (_, c2_text) = validate_like_a_validator(&b).await;
-    assert!(c2_text.contains(&format!(r#""v":{}"#, b.v_base)), "{c2_text}");
+    assert!(
+        c2_text.contains(&format!(r#""v":{}"#, b.v_base)),
+        "{c2_text}"
+    );
     assert_ne!(b.own_hash, new_hash);
     b.stop().await;
 }
