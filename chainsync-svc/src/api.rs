@@ -73,6 +73,10 @@ pub fn job_msg(r: &JobRecord) -> pb::Job {
         attempts: r.attempts,
         started_unix: r.started_unix,
         finished_unix: r.finished_unix,
+        hf_repo: r.hf_repo.clone(),
+        hf_revision: r.hf_revision.clone(),
+        bytes_done: r.bytes_done,
+        bytes_total: r.bytes_total,
     }
 }
 

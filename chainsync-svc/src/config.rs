@@ -109,6 +109,24 @@ pub struct Cli {
     /// when a phase is over. For devnets and tests with faster blocks.
     #[arg(long, env = "CHAINSYNC_BLOCK_TIME_MS", value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub block_time_ms: Option<u64>,
+    /// How baselines and submissions travel: `hub` (the live subnet since 2026-04-27: the
+    /// Hugging Face Hub plus the two commitments) or `http` (the validators' historical
+    /// `GET /get-checkpoint` and `POST /submit-checkpoint`, for networks that still run them).
+    #[arg(long, env = "CHAINSYNC_TRANSPORT", value_enum, default_value = "hub")]
+    pub transport: TransportKind,
+    /// The Hugging Face Hub endpoint (default: `hf.endpoint` of the config, else
+    /// https://huggingface.co).
+    #[arg(long, env = "HF_ENDPOINT")]
+    pub hf_endpoint: Option<String>,
+}
+
+/// How baselines and submissions travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// The Hugging Face Hub and the chain (spec §5.1, §6.1).
+    Hub,
+    /// The validators' historical HTTP routes (spec §5.3, §6.2).
+    Http,
 }
 
 /// A setting that cannot be used; names the field or file.
@@ -119,7 +137,7 @@ pub struct SettingsError {
     pub message: String,
 }
 
-fn bad(field: impl Into<String>, message: impl Into<String>) -> SettingsError {
+pub(crate) fn bad(field: impl Into<String>, message: impl Into<String>) -> SettingsError {
     SettingsError {
         field: field.into(),
         message: message.into(),
@@ -180,6 +198,8 @@ pub struct Settings {
     /// Transfer retry policies and commit attempts (the reference's, unless shortened by
     /// `--submit-retry-backoff-ms` / `--download-retry-backoff-ms`).
     pub policies: crate::jobs::Policies,
+    /// The Hub transport's settings; `None` with `--transport http`.
+    pub hub: Option<crate::hub::HubSettings>,
     /// Which validator axon addresses may be connected to: global unicast only, unless the
     /// chain is reached on loopback or a private address (a devnet).
     pub peer_addresses: crate::transport::PeerAddresses,
@@ -352,6 +372,14 @@ impl Settings {
         if let Some(ms) = cli.block_time_ms {
             timing.block_time = Duration::from_millis(ms);
         }
+        let hub = match cli.transport {
+            TransportKind::Http => None,
+            TransportKind::Hub => Some(crate::hub::HubSettings::from_config(
+                &config.hf,
+                cli.hf_endpoint.as_deref(),
+                &file,
+            )?),
+        };
         // Keep the pin over a whole cycle at the configured block time (plus slack).
         let cycle_secs = schedule
             .cycle_length()
@@ -374,6 +402,7 @@ impl Settings {
             local_whitelist,
             max_miners_per_validator: Some(5),
             policies,
+            hub,
             peer_addresses: crate::transport::PeerAddresses::for_chain_url(endpoint.url()),
             endpoint,
             config,

@@ -5,6 +5,7 @@ pub mod assignment;
 pub mod chain;
 pub mod commitment;
 pub mod config;
+pub mod hub;
 pub mod jobs;
 pub mod metrics;
 pub mod phase;

@@ -45,6 +45,28 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    // The Hub transport's start-up checks (token accepted and able to write, repo id fits the
+    // chain), before anything is bound or written.
+    if let Some(hub) = settings.hub.as_mut() {
+        match rt.block_on(chainsync_svc::hub::preflight(hub)) {
+            Ok(p) => tracing::info!(
+                user = %p.user,
+                repo = %p.repo,
+                private = ?p.private,
+                copy_guard = hub.copy_guard,
+                endpoint = %hub.endpoint,
+                "Hugging Face Hub transport ready"
+            ),
+            Err(e @ chainsync_svc::hub::PreflightError::Config(_)) => {
+                eprintln!("chainsync-svc: {e}");
+                return ExitCode::from(64);
+            }
+            Err(e) => {
+                eprintln!("chainsync-svc: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // The first thing written: `<run>/control/token` (0600), shared with trainer-svc and minerctl.
     match miner_service::ControlToken::load_or_create(&settings.run_dir) {
         Ok(t) => settings.control_token = Some(t),
@@ -59,6 +81,7 @@ fn main() -> ExitCode {
         netuid = settings.netuid,
         endpoint = %settings.endpoint,
         phase_source = ?settings.phase_source,
+        transport = if settings.hub.is_some() { "hub" } else { "http" },
         owner_url = %settings.owner_url,
         expert_group = settings.expert_group.group_id,
         cycle_length = settings.schedule.cycle_length(),

@@ -109,6 +109,12 @@ async fn run_full(
         ),
         PhaseSourceKind::Local => Arc::new(local),
     };
+    let mut settings = settings;
+    if let Some(hub) = settings.hub.as_mut()
+        && hub.repo.is_none()
+    {
+        crate::hub::preflight(hub).await?;
+    }
     let http = crate::transport::http_client().context("build the HTTP client")?;
     let engine = Engine::new(
         settings.clone(),

@@ -506,6 +506,7 @@ async fn sigterm_stops_the_binary_with_status_0() {
         .arg("--wallet-path")
         .arg(wallet_dir())
         .args(["--phase-source", "local", "--log-format", "json"])
+        .args(["--transport", "http"])
         .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .stderr(std::fs::File::create(&log).unwrap())
@@ -852,6 +853,8 @@ async fn minerctl_reads_and_stops_the_real_daemon_through_the_run_directory() {
             .args([
                 "--phase-source",
                 "local",
+                "--transport",
+                "http",
                 "--listen",
                 "127.0.0.1:0",
                 "--metrics-listen",

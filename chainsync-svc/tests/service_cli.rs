@@ -30,6 +30,8 @@ fn daemon(path: &Path, wallet: &Path, port: u16) -> std::process::Output {
             "127.0.0.1:0",
             "--network",
             "local",
+            "--transport",
+            "http",
         ])
         .output()
         .expect("run chainsync-svc")
@@ -263,6 +265,8 @@ fn the_retry_backoff_and_block_time_flags_set_the_policies_and_timing() {
             example_wallet().display().to_string(),
             "--network".to_owned(),
             "local".to_owned(),
+            "--transport".to_owned(),
+            "http".to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Settings::from_cli(&Cli::try_parse_from(args).expect("flags parse")).expect("settings")

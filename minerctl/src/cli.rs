@@ -34,6 +34,9 @@ pub enum Command {
     /// Reload the baseline now: the trainer loads a verified checkpoint, chainsync downloads
     /// the validator's newest.
     LoadBaseline(LoadBaselineArgs),
+    /// The Hugging Face Hub side: start-up checks, upload a shard, download and verify one.
+    #[command(subcommand)]
+    Hub(crate::hub_cmd::HubCommand),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -215,6 +218,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             drop(out);
             crate::online::run(c)
         }
+        Command::Hub(c) => crate::hub_cmd::run(c, &mut out),
         Command::Checkpoint(CheckpointCommand::Hash(a)) => {
             checkpoint_cmd::hash(&a.path, a.group, &mut out)
         }

@@ -7,6 +7,7 @@ mod checkpoint_cmd;
 mod cli;
 mod exit;
 mod fleet;
+mod hub_cmd;
 mod online;
 
 use clap::Parser;

@@ -227,7 +227,7 @@ pub fn run(cmd: Command) -> Result<(), CliError> {
         Command::Phase(a) => &a.online.target,
         Command::Jobs(a) => &a.online.target,
         Command::LoadBaseline(a) => &a.online.target,
-        Command::Checkpoint(_) | Command::Completions { .. } => {
+        Command::Checkpoint(_) | Command::Hub(_) | Command::Completions { .. } => {
             return Err(CliError::new(Exit::Other, "not an online command"));
         }
     };
@@ -468,6 +468,19 @@ struct JobView {
     destination: String,
     finished_block: u64,
     error: String,
+    /// Hub transport: repo, revision and bytes of the shard's transfer.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    hf_repo: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    hf_revision: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    bytes_done: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    bytes_total: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -482,6 +495,9 @@ struct ChainView {
     last_download: Option<JobView>,
     last_commit: Option<JobView>,
     last_submission: Option<JobView>,
+    /// The newest job with a Hub upload (COMMIT1 uploads the shard; repo, revision, bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_upload: Option<JobView>,
     checkpoints: Option<usize>,
 }
 
@@ -514,7 +530,28 @@ fn job_view(j: &cpb::Job) -> JobView {
         destination: j.destination.clone(),
         finished_block: j.finished_block,
         error: j.error.clone(),
+        hf_repo: j.hf_repo.clone(),
+        hf_revision: j.hf_revision.clone(),
+        bytes_done: j.bytes_done,
+        bytes_total: j.bytes_total,
     }
+}
+
+/// ` hub REPO@REV (DONE/TOTAL bytes)` for a job with a Hub transfer, else empty.
+fn fmt_hub(repo: &str, rev: &str, done: u64, total: u64) -> String {
+    if repo.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(" hub {repo}");
+    if !rev.is_empty() {
+        s.push_str(&format!("@{rev}"));
+    }
+    if total > 0 {
+        s.push_str(&format!(" ({done}/{total} bytes)"));
+    } else if done > 0 {
+        s.push_str(&format!(" ({done} bytes)"));
+    }
+    s
 }
 
 async fn trainer_view(conn: &mut Conn<TrainerClient>) -> (TrainerView, Option<Failure>) {
@@ -614,6 +651,10 @@ async fn chain_view(conn: &mut Conn<ChainClient>) -> (ChainView, Option<Failure>
         v.last_download = find(&[cpb::JobKind::Download]);
         v.last_commit = find(&[cpb::JobKind::Commit1, cpb::JobKind::Commit2]);
         v.last_submission = find(&[cpb::JobKind::Submit]);
+        v.last_upload = jobs
+            .iter()
+            .find(|j| j.kind == cpb::JobKind::Commit1 as i32 && !j.hf_repo.is_empty())
+            .map(job_view);
     }
     if let Ok(l) = list {
         v.checkpoints = Some(l.into_inner().checkpoints.len());
@@ -636,6 +677,12 @@ fn fmt_job(j: &Option<JobView>) -> String {
             if !j.checkpoint.is_empty() {
                 s.push_str(&format!(" {}", j.checkpoint));
             }
+            s.push_str(&fmt_hub(
+                &j.hf_repo,
+                &j.hf_revision,
+                j.bytes_done,
+                j.bytes_total,
+            ));
             if !j.error.is_empty() {
                 s.push_str(&format!(": {}", j.error));
             }
@@ -754,6 +801,13 @@ async fn status_query(
             "last submission",
             fmt_job(&cv.last_submission)
         ));
+        if cv.last_upload.is_some() {
+            t.push_str(&format!(
+                "  {:<15}{}\n",
+                "last upload",
+                fmt_job(&cv.last_upload)
+            ));
+        }
     }
     t.push_str(&format!("  {:<15}{round_trip_ms:.1} ms\n", "round trip"));
     out.text = t;
@@ -1187,7 +1241,7 @@ async fn jobs(h: &Host, limit: u32, timeout: Duration, prefix: &str, out: &mut H
             let views: Vec<JobView> = jobs.iter().map(job_view).collect();
             for (j, v) in jobs.iter().zip(&views) {
                 out.text.push_str(&format!(
-                    "{prefix}#{:<5} {:<9} {:<10} {:<8} cycle {:<5} blocks {}..{} {} {}\n",
+                    "{prefix}#{:<5} {:<9} {:<10} {:<8} cycle {:<5} blocks {}..{} {}{} {}\n",
                     j.id,
                     v.kind,
                     v.outcome,
@@ -1200,6 +1254,7 @@ async fn jobs(h: &Host, limit: u32, timeout: Duration, prefix: &str, out: &mut H
                     } else {
                         &v.checkpoint
                     },
+                    fmt_hub(&v.hf_repo, &v.hf_revision, v.bytes_done, v.bytes_total),
                     v.error
                 ));
             }

@@ -292,6 +292,8 @@ pub fn chainsync_command_with_wallets(
         .arg("--wallet-path")
         .arg(wallets)
         .args(["--phase-source", "owner-api"])
+        // The validator stand-ins serve the historical HTTP routes.
+        .args(["--transport", "http"])
         .arg("--listen")
         .arg(format!("127.0.0.1:{}", ports.chainsync_grpc))
         .arg("--metrics-listen")

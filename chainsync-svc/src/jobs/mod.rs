@@ -13,6 +13,7 @@
 //! (holder `chainsync-commit`) taken in COMMIT1 is kept until the SUBMIT of the same cycle ends
 //! (or the cycle is over).
 
+mod hub;
 mod record;
 mod run;
 
@@ -75,6 +76,8 @@ pub(crate) struct CycleCommit {
     pub model_hash: String,
     pub global_ver: u64,
     pub pin: Option<PinGuard>,
+    /// Hub transport: this cycle's shard upload (COMMIT1 sends, COMMIT2 waits).
+    pub upload: Option<watch::Receiver<hub::UploadState>>,
 }
 
 /// The head of a [`ChainClient`] as a [`ChainHead`] (for the local phase source).
@@ -94,6 +97,8 @@ pub struct Engine {
     pub(crate) phase_src: Arc<dyn PhaseSource>,
     pub(crate) source_kind: PhaseSourceKind,
     pub(crate) http: reqwest::Client,
+    /// The Hub transport (`None`: the HTTP routes).
+    pub(crate) hub: Option<crate::hub::HubRuntime>,
     pub(crate) policies: Policies,
     pub log: JobLog,
     pub metrics: Arc<Metrics>,
@@ -197,6 +202,13 @@ impl Engine {
         let run = RunDir::create(&s.run_dir)
             .map_err(|e| anyhow::anyhow!("run directory {}: {e}", s.run_dir.display()))?;
         let log = JobLog::open(&s.run_dir)?;
+        let hub = match &s.hub {
+            Some(h) => Some(
+                crate::hub::HubRuntime::new(h)
+                    .map_err(|e| anyhow::anyhow!("Hugging Face Hub client: {e}"))?,
+            ),
+            None => None,
+        };
         let (phase_tx, _) = watch::channel(None);
         let (head_tx, _) = watch::channel(0);
         Ok(Arc::new(Engine {
@@ -206,6 +218,7 @@ impl Engine {
             phase_src,
             source_kind,
             http,
+            hub,
             policies,
             log,
             metrics,

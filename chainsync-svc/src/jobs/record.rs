@@ -107,6 +107,21 @@ pub struct JobRecord {
     /// Started by a `LoadBaseline` request rather than by the scheduler.
     #[serde(default)]
     pub manual: bool,
+    /// Hub transport: the repo the shard went to or came from (`owner/name`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hf_repo: String,
+    /// Hub transport: the 7-character revision (`rv`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hf_revision: String,
+    /// Bytes of the shard transferred so far, and its size (0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_done: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_total: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 pub fn now_unix() -> i64 {
@@ -261,6 +276,18 @@ impl JobLog {
         }
     }
 
+    /// Updates a running record in memory only (transfer progress; not worth a journal line
+    /// each time). Ignored once the record is final.
+    pub fn show(&self, r: &JobRecord) {
+        self.with(|v| {
+            if let Some(o) = v.iter_mut().find(|o| o.id == r.id)
+                && !o.outcome.is_final()
+            {
+                *o = r.clone();
+            }
+        });
+    }
+
     /// Allocates an id and records a new running job.
     pub fn start(
         &self,
@@ -290,6 +317,10 @@ impl JobLog {
                 finished_unix: 0,
                 global_ver: None,
                 manual,
+                hf_repo: String::new(),
+                hf_revision: String::new(),
+                bytes_done: 0,
+                bytes_total: 0,
             };
             v.push(r.clone());
             if v.len() > MAX_KEPT {

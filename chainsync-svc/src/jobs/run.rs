@@ -56,7 +56,7 @@ impl End {
 }
 
 const PIN_HOLDER: &str = "chainsync-commit";
-const STOPPING: &str = "cancelled: the daemon is stopping";
+pub(crate) const STOPPING: &str = "cancelled: the daemon is stopping";
 
 /// A client span for one chain call (a child of the job's span).
 fn chain_span(call: &'static str, netuid: u16, block: Option<u64>) -> tracing::Span {
@@ -317,7 +317,10 @@ impl Engine {
                 r.global_ver = Some(cand.global_ver);
             }
             note_hash(&cand.model_hash);
-            if let Err(why) = check_peer_address(&cand.axon_ip, self.s.peer_addresses) {
+            // The axon matters only to the HTTP route; over the Hub the validator's repo does.
+            if self.hub.is_none()
+                && let Err(why) = check_peer_address(&cand.axon_ip, self.s.peer_addresses)
+            {
                 tracing::warn!(validator = %cand.hotkey, reason = %why, "validator candidate refused");
                 errors.push(format!(
                     "validator {}:{}: {why}",
@@ -334,18 +337,22 @@ impl Engine {
                 },
             );
             let origin_block = self.head().max(info.block);
-            match download_checkpoint(
-                &self.http,
-                &self.run,
-                &self.s.hotkey,
-                cand,
-                &self.s.expert_group,
-                origin_block,
-                &self.policies.download,
-                deadline,
-            )
-            .await
-            {
+            let fetched = match &self.hub {
+                Some(hub) => self.download_hub(hub, progress, cand, deadline).await,
+                None => download_checkpoint(
+                    &self.http,
+                    &self.run,
+                    &self.s.hotkey,
+                    cand,
+                    &self.s.expert_group,
+                    origin_block,
+                    &self.policies.download,
+                    deadline,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            };
+            match fetched {
                 Ok(p) => {
                     let mut r = progress.lock().unwrap_or_else(|p| p.into_inner());
                     r.checkpoint = p.path.display().to_string();
@@ -354,7 +361,7 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(validator = %cand.hotkey, error = %e, "validator candidate failed; trying the next");
-                    errors.push(e.to_string());
+                    errors.push(e);
                 }
             }
         }
@@ -413,7 +420,7 @@ impl Engine {
     /// is let finish. The phase end is our chain head's, or while the chain is away the phase
     /// source's, or failing both the block time's (so the job ends even in a total outage).
     /// `prior_err`: why the preceding chain read failed, if it did.
-    async fn commit_in_phase(
+    pub(crate) async fn commit_in_phase(
         &self,
         progress: &std::sync::Mutex<JobRecord>,
         info: &PhaseInfo,
@@ -541,6 +548,7 @@ impl Engine {
                 Ok(Err(e)) => return Err(End::Failed(format!("list own checkpoints: {e}"))),
                 Err(e) => return Err(End::Failed(format!("list own checkpoints: {e}"))),
             };
+            let best = self.fresh_checkpoint(best, info).await;
             let pin = self
                 .run
                 .pin(&best.name, PIN_HOLDER, self.s.timing.pin_ttl)
@@ -572,6 +580,7 @@ impl Engine {
             model_hash: hex.clone(),
             global_ver,
             pin: Some(pin),
+            upload: None,
         };
 
         // Restart safety: a `{"m"}` of ours made in this phase that signs this hash is kept.
@@ -579,6 +588,7 @@ impl Engine {
             Ok(r) => r,
             Err(end) => return end,
         };
+        let mut on_chain = None;
         if let Some((Some(at), raw)) = read
             && (info.phase_start_block..=info.phase_end_block + 1).contains(&at)
             && let Some(m) = parse_commitment(&raw).and_then(|c| c.signed_model_hash)
@@ -589,22 +599,33 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .included_block = Some(at);
-            *self.commit.lock().await = Some(state);
             tracing::info!(
                 block = at,
                 "our MinerCommit1 commitment for this cycle is already on chain"
             );
-            return End::Succeeded;
+            on_chain = Some(at);
         }
-
-        let sig = miner_keys::b64url_nopad_encode(&self.s.hotkey.sign(hex.as_bytes()));
-        let payload = match (SignedModelHashCommit {
-            signed_model_hash: sig,
-        })
-        .to_payload()
-        {
-            Ok(p) => p,
-            Err(e) => return End::Failed(format!("commit-1 payload: {e}")),
+        let payload = if on_chain.is_some() {
+            None
+        } else {
+            let sig = miner_keys::b64url_nopad_encode(&self.s.hotkey.sign(hex.as_bytes()));
+            match (SignedModelHashCommit {
+                signed_model_hash: sig,
+            })
+            .to_payload()
+            {
+                Ok(p) => Some(p),
+                Err(e) => return End::Failed(format!("commit-1 payload: {e}")),
+            }
+        };
+        if let Some(hub) = self.hub.clone() {
+            return self
+                .commit1_hub(&hub, progress, info, payload, prior_err, state)
+                .await;
+        }
+        let Some(payload) = payload else {
+            *self.commit.lock().await = Some(state);
+            return End::Succeeded;
         };
         let end = self
             .commit_in_phase(progress, info, &payload, prior_err)
@@ -646,11 +667,13 @@ impl Engine {
             model_hash: r.model_hash.clone(),
             global_ver: gv,
             pin,
+            upload: None,
         });
         Some((path, r.model_hash, gv))
     }
 
     async fn commit2(&self, progress: &std::sync::Mutex<JobRecord>, info: &PhaseInfo) -> End {
+        self.wait_commit1(info).await;
         let Some((path, hex, global_ver)) = self.cycle_commit(info.cycle_index).await else {
             return End::Skipped("no MinerCommit1 commitment this cycle".into());
         };
@@ -661,16 +684,26 @@ impl Engine {
             r.global_ver = Some(global_ver);
         }
         note_hash(&hex);
-        let commit = MinerCommit {
-            expert_group: self.s.expert_group.group_id,
-            model_hash: hex,
-            global_ver,
-            hf_repo_id: None,
-            hf_revision: None,
-        };
-        let payload = match commit.to_payload() {
-            Ok(p) => p,
-            Err(e) => return End::Failed(format!("commit-2 payload: {e}")),
+        let payload = if let Some(hub) = self.hub.clone() {
+            match self
+                .commit2_hub(&hub, progress, info, hex, global_ver)
+                .await
+            {
+                Ok(p) => p,
+                Err(end) => return end,
+            }
+        } else {
+            let commit = MinerCommit {
+                expert_group: self.s.expert_group.group_id,
+                model_hash: hex,
+                global_ver,
+                hf_repo_id: None,
+                hf_revision: None,
+            };
+            match commit.to_payload() {
+                Ok(p) => p,
+                Err(e) => return End::Failed(format!("commit-2 payload: {e}")),
+            }
         };
         let (read, prior_err) = match self.read_ours(info).await {
             Ok(r) => r,
@@ -732,7 +765,7 @@ impl Engine {
         };
         let gid = self.s.expert_group.group_id;
         let window = version_window(info, &prev, self.s.version_range_cycles);
-        let miners: Vec<String> = chain_checkpoints(
+        let complete: Vec<_> = chain_checkpoints(
             &sig,
             &hash,
             &whitelist,
@@ -743,14 +776,23 @@ impl Engine {
         )
         .into_iter()
         .filter(|c| c.expert_group == gid && c.role == Role::Miner)
-        .map(|c| c.hotkey)
         .collect();
         let me = self.s.hotkey.ss58().to_owned();
-        if !miners.contains(&me) {
+        let Some(ours) = complete.iter().find(|c| c.hotkey == me) else {
             return End::Failed(format!(
                 "our checkpoint is not complete on chain at blocks {b1}/{b2} (signature, hash, version window {window:?})"
             ));
+        };
+        if ours.model_hash != hex {
+            return End::Failed(format!(
+                "the chain shows hash {} for us at block {b2}, not the committed {hex}",
+                ours.model_hash
+            ));
         }
+        if let Some(hub) = self.hub.clone() {
+            return self.submit_hub(&hub, progress, ours).await;
+        }
+        let miners: Vec<String> = complete.iter().map(|c| c.hotkey.clone()).collect();
         let mut validators: Vec<(String, u64)> = Vec::new();
         for rc in read_commits(&hash, &whitelist, DEFAULT_MAX_WEIGHT_AGE) {
             if rc.role != Role::Validator {

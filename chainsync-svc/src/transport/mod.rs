@@ -7,6 +7,7 @@
 //! pass; anything else leaves no directory and no temporary behind.
 
 pub mod download;
+pub mod hub;
 pub mod limits;
 pub mod retry;
 pub mod submit;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chainsync_svc::chain::{ChainClient, Endpoint};
-use chainsync_svc::config::{Cli, LogFormat, Settings};
+use chainsync_svc::config::{Cli, LogFormat, Settings, TransportKind};
 use chainsync_svc::jobs::Policies;
 use chainsync_svc::phase::{CyclePeriods, PhaseName, PhaseSchedule, PhaseSourceKind};
 use chainsync_svc::service::{Listeners, Overrides, run_with};
@@ -354,6 +354,8 @@ pub fn owner_api_cli(run_dir: &Path, owner_url: String) -> Cli {
         submit_retry_backoff_ms: None,
         download_retry_backoff_ms: None,
         block_time_ms: None,
+        transport: TransportKind::Http,
+        hf_endpoint: None,
     }
 }
 

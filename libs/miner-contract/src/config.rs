@@ -193,6 +193,16 @@ pub struct HfCfg {
     pub checkpoint_repo: Option<String>,
     pub default_repo_name: String,
     pub token_env_var: String,
+    /// The Hub endpoint (ours; the reference reads only `HF_ENDPOINT`). Not written when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Keep the repo private until MinerCommit1 is over (ours; on by default). Not written when
+    /// on, so a written config stays the reference's.
+    #[serde(skip_serializing_if = "is_true")]
+    pub copy_guard: bool,
+}
+fn is_true(b: &bool) -> bool {
+    *b
 }
 impl Default for HfCfg {
     fn default() -> Self {
@@ -200,6 +210,8 @@ impl Default for HfCfg {
             checkpoint_repo: None,
             default_repo_name: "co".into(),
             token_env_var: "HF_TOKEN".into(),
+            endpoint: None,
+            copy_guard: true,
         }
     }
 }
