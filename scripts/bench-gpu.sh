@@ -4,7 +4,8 @@
 # PyTorch reference loop (tests/py/bench_step.py: transformers + Connito's partial router, autocast,
 # GradScaler, gradient checkpointing), in fp16 and bf16, run one after the other on the same GPU; then a
 # CUDA smoke of the trainer-svc binary (fp16-mixed, GradScaler, checkpoint publish), whose shard is loaded
-# back with torch.load and checked (dtype fp16, finite, expert keys).
+# back (safetensors.torch.load_file, or torch.load for .pt) and checked (dtype fp16, finite, expert keys).
+# BENCH_SMOKE_ONLY=1 skips the step benchmark.
 #
 #   scripts/bench-gpu.sh            # binaries from target/release (cargo build --release -p trainer-svc
 #                                   #   --bins --example bench_step), results in $OUT or /tmp/bench-gpu
@@ -50,7 +51,7 @@ done) >"$out/mem.txt" 2>/dev/null &
 sampler=$!
 trap 'kill $sampler 2>/dev/null' EXIT
 
-for prec in fp16 bf16; do
+for prec in $([ -n "${BENCH_SMOKE_ONLY:-}" ] || echo fp16 bf16); do
     echo "== bench_step lite $prec: trainer-svc model vs PyTorch reference"
     timeout 300 "$bench" --preset lite --seq 4096 --batch 1 --ga 4 --warmup 2 --steps "$steps" \
         --threads 4 --device cuda --precision "$prec" --checkpointing --python 2>&1 | tee "$out/bench-$prec.txt"
@@ -63,15 +64,22 @@ smoke="$(mktemp -d)"
     --metrics-listen 127.0.0.1:8951) >"$out/trainer-cuda.log" 2>&1
 echo "exit $?"
 tail -n 15 "$out/trainer-cuda.log"
-find "$smoke" -name 'model_expgroup_*.pt' | head -3 | while read -r f; do
+shards="$(find "$smoke" -name 'model_expgroup_*.safetensors' -o -name 'model_expgroup_*.pt' | sort | head -3)"
+[ -n "$shards" ] || echo "no shard was published (see trainer-cuda.log)"
+for f in $shards; do
     "$py" - "$f" <<'EOF'
 import sys, torch
-sd = torch.load(sys.argv[1], weights_only=True, map_location="cpu")
-sd = sd.get("model_state_dict", sd)
+path = sys.argv[1]
+if path.endswith(".safetensors"):
+    from safetensors.torch import load_file
+    sd = load_file(path)
+else:
+    sd = torch.load(path, weights_only=True, map_location="cpu")
+    sd = sd.get("model_state_dict", sd)
 kinds = sorted({str(t.dtype) for t in sd.values()})
 finite = all(bool(torch.isfinite(t.float()).all()) for t in sd.values())
 experts = all(".mlp.experts." in k for k in sd)
-print(f"shard {sys.argv[1]}: {len(sd)} tensors, dtypes {kinds}, all finite {finite}, all expert keys {experts}")
+print(f"shard {path}: {len(sd)} tensors, dtypes {kinds}, all finite {finite}, all expert keys {experts}")
 EOF
 done
 rm -rf "$smoke"

@@ -1,9 +1,4 @@
 //! Compiles the versioned protos with the vendored `protoc` (no system protoc needed).
-//!
-//! The proto root is taken from `CARGO_MANIFEST_DIR` at run time (not baked in when this script
-//! is compiled) and the script re-runs when the invoking checkout changes (`PWD`): several
-//! checkouts (git worktrees) sharing one `CARGO_TARGET_DIR` share this script's build and
-//! output directories, and each must get the code of its own `proto/`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
     let root = std::path::Path::new(&manifest).join("../../proto");
@@ -21,6 +16,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    println!("cargo:rerun-if-env-changed=PWD");
     Ok(())
 }

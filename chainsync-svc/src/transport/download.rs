@@ -547,15 +547,16 @@ async fn receive_body(
         match chunk {
             Ok(Some(bytes)) => {
                 got += bytes.len() as u64;
-                // The bound tightens once the verifier has the tensor list.
+                // The bound tightens once the verifier has the tensor list. A declared length
+                // over it is named first: it is what the peer promised to send.
                 let max = limit.load(Ordering::SeqCst);
-                if got > max {
-                    return Err(too_large("body", got, max));
-                }
                 if let Some(n) = expected
                     && n > max
                 {
                     return Err(too_large("Content-Length", n, max));
+                }
+                if got > max {
+                    return Err(too_large("body", got, max));
                 }
                 pending.extend_from_slice(&bytes);
                 if pending.len() >= SEND_BATCH {
