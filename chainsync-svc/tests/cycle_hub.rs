@@ -703,7 +703,10 @@ async fn a_public_file_served_late_is_retried_until_it_is() {
         .iter()
         .filter(|r| r.route == HubRoute::ResolveHead && r.status == 404)
         .count();
-    assert!(head_404s >= 2, "both late answers were seen and retried ({head_404s})");
+    assert!(
+        head_404s >= 2,
+        "both late answers were seen and retried ({head_404s})"
+    );
     validate_like_a_validator(&b).await;
     b.stop().await;
 }
